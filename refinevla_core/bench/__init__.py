@@ -1,0 +1,138 @@
+"""`refinevla bench <what>`: performance measured as ratios against a baseline run in the same process and moment.
+
+Each benchmark is a module `refinevla_core.bench.<what>` with ``add_arguments(parser)`` and ``run(args) -> dict``
+(the result). This module dispatches and writes the result as JSON + Markdown under benchmarks/, with the machine it
+ran on, because a ratio without its machine is not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS: dict[str, tuple[str, int]] = {
+    # name: (module, issue that builds it)
+    "annotate": ("refinevla_core.bench.annotate", 4),
+    "infer": ("refinevla_core.bench.infer", 5),
+    "train": ("refinevla_core.bench.train", 6),
+    "ros": ("refinevla_ros.bench", 7),
+    "sim": ("refinevla_core.bench.sim", 8),
+}
+
+
+def _exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+        info["memory_gib"] = round(mem_kb / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        ).stdout.strip()
+    return info
+
+
+def _markdown(name: str, result: dict[str, Any], machine: dict[str, Any]) -> str:
+    lines = [f"# refinevla bench {name}", "", f"Run {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", ""]
+    summary = result.get("summary")
+    if isinstance(summary, str):
+        lines += [summary, ""]
+    table = result.get("table")
+    if isinstance(table, list) and table and isinstance(table[0], dict):
+        cols = list(table[0])
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for row in table:
+            lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+        lines.append("")
+    lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in machine.items()] + [""]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_result(name: str, result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """Write benchmarks/<name>.json and .md (atomically: a killed run leaves the previous result intact)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine, **result}
+    paths = []
+    texts = {".json": json.dumps(payload, indent=2, default=str), ".md": _markdown(name, result, machine)}
+    for suffix, text in texts.items():
+        path = out_dir / f"{name}{suffix}"
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks"), help="where JSON + Markdown go")
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name, (module, issue) in BENCHMARKS.items():
+        if _exists(module):
+            mod = importlib.import_module(module)
+            p = sub.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0])
+            mod.add_arguments(p)
+        else:
+            sub.add_parser(name, help=f"[not built yet: issue #{issue}]")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.benchmark:
+        print("refinevla bench: name a benchmark: " + ", ".join(BENCHMARKS), file=sys.stderr)
+        return 2
+    module, issue = BENCHMARKS[args.benchmark]
+    if not _exists(module):
+        print(f"refinevla bench {args.benchmark}: not built yet (planned in issue #{issue}); nothing was run.",
+              file=sys.stderr)
+        return 3
+    result = importlib.import_module(module).run(args)
+    json_path, md_path = write_result(args.benchmark, result, args.out_dir)
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
+    return 0

@@ -1,0 +1,1 @@
+"""refinevla_ros — thin rclpy adapters around refinevla_core: message <-> core types, parameters, timers."""

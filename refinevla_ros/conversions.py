@@ -1,0 +1,178 @@
+"""Message <-> core type conversions, one function each way (cv_bridge-style, in numpy: PyPI's cv_bridge is broken).
+
+Every decoder validates what it is given, because a camera driver with a wrong encoding or a truncated buffer must
+produce a clear warning, never a garbled image fed to the policy (and from there an arm motion).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+
+from refinevla.msg import EndEffectorDelta
+from refinevla.msg import Rationale as RationaleMsg
+from refinevla_core.rationale import Rationale
+
+# encoding -> (channels, order of R,G,B within the pixel, or None for grey)
+_ENCODINGS: dict[str, tuple[int, tuple[int, int, int] | None]] = {
+    "rgb8": (3, (0, 1, 2)),
+    "bgr8": (3, (2, 1, 0)),
+    "rgba8": (4, (0, 1, 2)),
+    "bgra8": (4, (2, 1, 0)),
+    "mono8": (1, None),
+    "8UC3": (3, (0, 1, 2)),  # OpenCV type name; assumed RGB as cv_bridge passes it through
+    "8UC1": (1, None),
+}
+SUPPORTED_ENCODINGS = tuple(_ENCODINGS)
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class ImageConversionError(ValueError):
+    """The image message cannot be turned into an RGB array; the message names the fix."""
+
+
+def image_to_rgb(msg: Image) -> np.ndarray:
+    """sensor_msgs/Image -> HxWx3 uint8 RGB (a copy: the message buffer may be reused by rclpy)."""
+    enc = msg.encoding
+    if enc not in _ENCODINGS:
+        raise ImageConversionError(
+            f"camera image encoding {enc!r} is not supported; publish one of {', '.join(SUPPORTED_ENCODINGS)} "
+            "(or a sensor_msgs/CompressedImage with the policy node's image_transport:=compressed)"
+        )
+    h, w = int(msg.height), int(msg.width)
+    if h <= 0 or w <= 0:
+        raise ImageConversionError(f"camera image is {w}x{h}: width and height must be positive")
+    if h * w > MAX_IMAGE_PIXELS:
+        raise ImageConversionError(f"camera image is {w}x{h}, larger than the {MAX_IMAGE_PIXELS} pixel limit")
+    channels, order = _ENCODINGS[enc]
+    row_bytes = w * channels
+    step = int(msg.step)
+    if step < row_bytes:
+        raise ImageConversionError(
+            f"camera image step {step} is smaller than width*channels = {row_bytes} for {enc} {w}x{h}; "
+            "the driver sets a wrong step"
+        )
+    data = msg.data
+    buf = np.frombuffer(bytes(data) if not isinstance(data, (bytes, bytearray, memoryview)) else data, np.uint8)
+    if buf.size < step * h:
+        raise ImageConversionError(
+            f"camera image data has {buf.size} bytes, expected step*height = {step}*{h} = {step * h}; "
+            "the message is truncated"
+        )
+    rows = buf[: step * h].reshape(h, step)[:, :row_bytes].reshape(h, w, channels)
+    if order is None:
+        return np.repeat(rows, 3, axis=2)
+    return np.ascontiguousarray(rows[:, :, list(order)])
+
+
+def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
+    """sensor_msgs/CompressedImage (jpeg/png) -> HxWx3 uint8 RGB."""
+    from PIL import Image as PILImage
+
+    data = bytes(msg.data)
+    if not data:
+        raise ImageConversionError("compressed camera image is empty")
+    try:
+        with PILImage.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ImageConversionError(f"compressed image is {im.width}x{im.height}, over the pixel limit")
+            return np.asarray(im.convert("RGB")).copy()
+    except ImageConversionError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise ImageConversionError(
+            f"compressed camera image (format {msg.format!r}) could not be decoded: {e}; publish jpeg or png"
+        ) from e
+
+
+def rgb_to_image(rgb: np.ndarray, header: Header | None = None, encoding: str = "rgb8") -> Image:
+    """HxWx3 uint8 RGB -> sensor_msgs/Image (rgb8 or bgr8)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ImageConversionError(f"expected an HxWx3 uint8 array; got shape {rgb.shape} dtype {rgb.dtype}")
+    if encoding == "bgr8":
+        rgb = rgb[:, :, ::-1]
+    elif encoding != "rgb8":
+        raise ImageConversionError(f"rgb_to_image writes rgb8 or bgr8, not {encoding!r}")
+    msg = Image()
+    if header is not None:
+        msg.header = header
+    msg.height, msg.width = int(rgb.shape[0]), int(rgb.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = 0
+    msg.step = int(rgb.shape[1] * 3)
+    msg.data = np.ascontiguousarray(rgb).tobytes()
+    return msg
+
+
+def rgb_to_compressed(
+    rgb: np.ndarray, header: Header | None = None, fmt: str = "jpeg", quality: int = 90
+) -> CompressedImage:
+    from PIL import Image as PILImage
+
+    out = io.BytesIO()
+    PILImage.fromarray(rgb).save(out, format="JPEG" if fmt == "jpeg" else "PNG", quality=quality)
+    msg = CompressedImage()
+    if header is not None:
+        msg.header = header
+    msg.format = fmt
+    msg.data = out.getvalue()
+    return msg
+
+
+def delta_to_msg(action: np.ndarray, header: Header | None = None) -> EndEffectorDelta:
+    """The first six entries of a 7-D action (dx, dy, dz, droll, dpitch, dyaw[, gripper]) -> EndEffectorDelta."""
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    if a.size < 6:
+        raise ValueError(f"an EE delta needs 6 values (dx, dy, dz, droll, dpitch, dyaw); got {a.size}")
+    if not np.all(np.isfinite(a[:6])):
+        raise ValueError(f"EE delta has non-finite values {a[:6].tolist()}; refusing to build a motion message")
+    msg = EndEffectorDelta()
+    if header is not None:
+        msg.header = header
+    msg.x, msg.y, msg.z, msg.roll, msg.pitch, msg.yaw = (float(v) for v in a[:6])
+    return msg
+
+
+def msg_to_delta(msg: EndEffectorDelta) -> np.ndarray:
+    """EndEffectorDelta -> float64[6] (dx, dy, dz, droll, dpitch, dyaw)."""
+    return np.array([msg.x, msg.y, msg.z, msg.roll, msg.pitch, msg.yaw], dtype=np.float64)
+
+
+def rationale_to_msg(r: Rationale, header: Header | None = None, step: int = 0, rid: int = 0,
+                     fresh: bool = True) -> RationaleMsg:
+    msg = RationaleMsg()
+    if header is not None:
+        msg.header = header
+    msg.observation = r.observation
+    msg.situation_analysis = r.situation_analysis
+    msg.spatial_reasoning = r.spatial_reasoning
+    msg.task_planning = r.task_planning
+    msg.text = r.text()
+    msg.step = int(step)
+    msg.id = int(rid)
+    msg.fresh = bool(fresh)
+    return msg
+
+
+def msg_to_rationale(msg: RationaleMsg) -> Rationale:
+    return Rationale(msg.observation, msg.situation_analysis, msg.spatial_reasoning, msg.task_planning)
+
+
+def decode_text(data: str | bytes, max_chars: int) -> str:
+    """An instruction from a std_msgs/String: must be non-empty after stripping and at most max_chars long."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"instruction is not valid UTF-8 ({e})") from e
+    text = " ".join(data.split())
+    if not text:
+        raise ValueError("instruction is empty")
+    if len(text) > max_chars:
+        raise ValueError(
+            f"instruction has {len(text)} characters; the limit is {max_chars} (parameter max_instruction_chars)"
+        )
+    return text

@@ -1,0 +1,61 @@
+"""Dataclass configs from YAML: typos and wrong types fail loudly with the key's name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from refinevla_core.config import ConfigError, load_config, parse_overrides, save_config
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    schedule: str = "cosine"
+
+
+@dataclass
+class Outer:
+    name: str = "tiny"
+    steps: int = 10
+    lambda_rationale: float = 0.3
+    use_lora: bool = False
+    clip: tuple[float, float, float] = (0.05, 0.05, 0.05)
+    checkpoint: str | None = None
+    optim: Inner = field(default_factory=Inner)
+
+
+def test_round_trip(tmp_path):
+    cfg = Outer(name="mid", steps=5, optim=Inner(lr=2e-4))
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(Outer, tmp_path / "c.yaml") == cfg
+
+
+def test_overrides_are_yaml_scalars(tmp_path):
+    cfg = load_config(Outer, overrides=parse_overrides(["optim.lr=1e-4", "use_lora=true", "steps=3"]))
+    assert cfg.optim.lr == 1e-4 and cfg.use_lora is True and cfg.steps == 3
+
+
+def test_unknown_key_names_valid_keys(tmp_path):
+    (tmp_path / "c.yaml").write_text("lamda_rationale: 0.5\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lamda_rationale'\].*lambda_rationale"):
+        load_config(Outer, tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("text, key", [("steps: 2.5\n", "steps"), ("use_lora: maybe\n", "use_lora"),
+                                       ("clip: [1, 2]\n", "clip"), ("optim: {lr: fast}\n", "optim.lr")])
+def test_wrong_types_name_the_key(tmp_path, text, key):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=key):
+        load_config(Outer, tmp_path / "c.yaml")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["steps"])
