@@ -16,6 +16,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ class EpisodeDataset:
             with np.load(npz_path) as z:
                 actions = z["actions"]
                 images = z["images"] if with_images else np.zeros((len(actions), 0, 0, 3), np.uint8)
-        except (OSError, ValueError, KeyError, EOFError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"{npz_path} is unreadable ({e}); the episode file is damaged") from e
         rats = self.rationales()
         per_frame = [rats.get((index, t)) for t in range(len(actions))]
