@@ -1,0 +1,244 @@
+"""A small chat-completions server on 127.0.0.1 that misbehaves on request: the stand-in for the teacher API.
+
+The benchmark and the tests need a server that speaks the same HTTP API as Gemini/OpenAI/vLLM/Ollama but runs here,
+offline, with a chosen latency and chosen faults (429 with Retry-After, 500, slow answers, a body that is not JSON,
+replies with broken JSON or a missing section, refusing JSON mode, rejecting the key). It is honest about being a
+stand-in: its rationales are templated from the request (instruction line and a digest of the images), not written
+by a model. Every request is recorded (body, image digests, fault served) so tests can count calls per frame.
+
+    with ChatServer(latency_s=0.2) as server:
+        ... base_url = server.base_url  # http://127.0.0.1:PORT/v1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+FAULTS = ("ok", "429", "500", "503", "slow", "malformed_body", "bad_json", "missing_section", "empty", "headed",
+          "reject_json_mode", "401", "404", "drop")
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    body: dict[str, Any]
+    image_digests: tuple[str, ...]  # sha256[:16] of each image data URL in the last user turn
+    fault: str
+    time: float = field(default_factory=time.monotonic)
+
+    @property
+    def is_reask(self) -> bool:
+        return len(self.body.get("messages", [])) > 2
+
+
+def _image_digests(body: dict[str, Any]) -> tuple[str, ...]:
+    digests = []
+    for message in body.get("messages", [])[:2]:
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    url = part.get("image_url", {}).get("url", "")
+                    digests.append(hashlib.sha256(url.encode()).hexdigest()[:16])
+    return tuple(digests)
+
+
+def image_digest(data_url: str) -> str:
+    """The digest the server records for one image data URL (see prompts.png_data_url)."""
+    return hashlib.sha256(data_url.encode()).hexdigest()[:16]
+
+
+def _user_text(body: dict[str, Any]) -> str:
+    for message in body.get("messages", []):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return str(content)
+    return ""
+
+
+def templated_rationale(body: dict[str, Any]) -> dict[str, str]:
+    """The stand-in's answer: four non-empty sections derived from the request."""
+    text = _user_text(body)
+    match = re.search(r"Instruction:\s*(.+)", text)
+    instruction = match.group(1).strip() if match else text[:80]
+    images = _image_digests(body)
+    return {
+        "observation": f"The scene for '{instruction}' seen in {len(images)} image(s) ({', '.join(images) or 'none'}).",
+        "situation_analysis": "The robot is partway through the task.",
+        "spatial_reasoning": "The gripper is above and behind the object it needs.",
+        "task_planning": "Move toward the object, then follow the demonstrated motion and gripper commands.",
+    }
+
+
+class ChatServer:
+    """Threaded HTTP server answering POST /v1/chat/completions and GET /v1/models on 127.0.0.1.
+
+    Faults: `plan` (a list consumed one per request, in arrival order) and/or `fault_for(body) -> fault | None`
+    (per request, e.g. keyed on the image digest); plain "ok" when neither says otherwise.
+    """
+
+    def __init__(self, latency_s: float = 0.0, *, api_key: str | None = None, plan: list[str] | None = None,
+                 fault_for: Callable[[dict[str, Any]], str | None] | None = None, slow_s: float = 2.0,
+                 retry_after: str | None = "0", usage: bool = True, json_mode_supported: bool = True) -> None:
+        self.latency_s = latency_s
+        self.api_key = api_key
+        self.plan: deque[str] = deque(plan or [])
+        self.fault_for = fault_for
+        self.slow_s = slow_s
+        self.retry_after = retry_after
+        self.usage = usage
+        self.json_mode_supported = json_mode_supported
+        self.requests: list[RecordedRequest] = []
+        self.model_list_calls = 0
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if not self.path.rstrip("/").endswith("/models"):
+                    self._send(404, {"error": {"message": f"no route {self.path}"}})
+                    return
+                with server._lock:
+                    server.model_list_calls += 1
+                if not server._authorised(self.headers.get("Authorization")):
+                    self._send(401, {"error": {"message": "Incorrect API key provided"}})
+                    return
+                self._send(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    self._send(404, {"error": {"message": f"no route {self.path}"}})
+                    return
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    self._send(400, {"error": {"message": "request body is not JSON"}})
+                    return
+                fault = server._next_fault(body)
+                with server._lock:
+                    server.requests.append(RecordedRequest(self.path, body, _image_digests(body), fault))
+                if not server._authorised(self.headers.get("Authorization")) or fault == "401":
+                    self._send(401, {"error": {"message": "Incorrect API key provided"}})
+                    return
+                if server.latency_s:
+                    time.sleep(server.latency_s)
+                server._answer(self, body, fault)
+
+            def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None,
+                      raw: bytes | None = None) -> None:
+                data = raw if raw is not None else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._handler = Handler
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="chat-server", daemon=True)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> ChatServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> ChatServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- behaviour ----------------------------------------------------------------------------------------------
+    @property
+    def calls(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def _authorised(self, header: str | None) -> bool:
+        return self.api_key is None or header == f"Bearer {self.api_key}"
+
+    def _next_fault(self, body: dict[str, Any]) -> str:
+        with self._lock:
+            if self.plan:
+                return self.plan.popleft()
+        fault = self.fault_for(body) if self.fault_for else None
+        return fault or "ok"
+
+    def _answer(self, handler: Any, body: dict[str, Any], fault: str) -> None:
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; known: {FAULTS}")
+        if "response_format" in body and (fault == "reject_json_mode" or not self.json_mode_supported):
+            handler._send(400, {"error": {"message": "response_format is not supported by this model"}})
+            return
+        if fault in ("429", "500", "503"):
+            headers = {"Retry-After": self.retry_after} if fault == "429" and self.retry_after is not None else {}
+            handler._send(int(fault), {"error": {"message": f"stand-in fault {fault}"}}, headers)
+            return
+        if fault == "404":
+            handler._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
+            return
+        if fault == "malformed_body":
+            handler._send(200, None, raw=b'{"choices": [{"message": {"content": "trunc')
+            return
+        if fault == "drop":
+            handler.close_connection = True
+            handler.wfile.flush()
+            handler.connection.shutdown(2)
+            return
+        if fault == "slow":
+            time.sleep(self.slow_s)
+        sections = templated_rationale(body)
+        if fault == "bad_json":
+            full = json.dumps(sections)
+            content = full[: len(full) // 2]  # cut mid-object: neither valid JSON nor headed text
+        elif fault == "missing_section":
+            content = json.dumps({k: v for k, v in sections.items() if k != "task_planning"})
+        elif fault == "empty":
+            content = ""
+        elif fault == "headed":
+            content = "\n".join(f"## {k.replace('_', ' ').title()}\n{v}" for k, v in sections.items())
+        else:
+            content = json.dumps(sections)
+        payload: dict[str, Any] = {
+            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "model": body.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        }
+        if self.usage:
+            prompt_tokens = len(json.dumps(body.get("messages", []))) // 4
+            payload["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(content) // 4,
+                                "total_tokens": prompt_tokens + len(content) // 4}
+        handler._send(200, payload)
