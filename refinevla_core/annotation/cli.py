@@ -8,8 +8,10 @@ and nothing written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,8 @@ examples:
   # Ollama: --base-url http://127.0.0.1:11434/v1 --model qwen2.5vl:7b --api-key-env ''
   # OpenAI: --model gpt-4o-mini (key in OPENAI_API_KEY, the default --api-key-env)
   # a local Hugging Face VLM: --teacher hf --model /path/to/model_folder (or a cached hub id)
-  # four machines: --shard 0/4, --shard 1/4, ... (episode e goes to shard e mod 4)
+  # four processes: --shard 0/4, --shard 1/4, ... (episode e goes to shard e mod 4; shards on one machine may share
+  #   --out; on separate machines each exports its own episodes: concatenate their rationales.jsonl files)
 
 exit status: 0 all frames annotated; 1 error (nothing asked, or a run stopped - rerun to continue);
   4 finished with failed frames (rerun with --retry-failed)
@@ -83,15 +86,34 @@ FLAG_KEYS = ("teacher", "model", "base_url", "api_key_env", "every_k", "future_a
              "requests_per_minute", "max_retries", "max_reasks", "timeout_s", "json_mode")
 
 
+def _is_text_field(dotted: str) -> bool:
+    """Whether a dotted config key holds text (str or a Literal of strings)."""
+    cls: Any = AnnotationConfig
+    tp: Any = None
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return False
+        tp = cls = hints[part]
+    if typing.get_origin(tp) is typing.Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
+
+
 def build_config(args: argparse.Namespace) -> AnnotationConfig:
-    """Defaults <- YAML (--config or config/annotation.yaml) <- --set overrides <- explicit flags."""
+    """Defaults <- YAML (--config or config/annotation.yaml) <- --set overrides <- explicit flags.
+
+    load_config reads string overrides as YAML scalars; text fields are passed quoted so a prompt like
+    "Task: {instruction}" stays text (unquoted YAML would make it a mapping) and '' / 'on' stay strings.
+    """
     path = args.config if args.config is not None else default_config_path()
     overrides: dict[str, Any] = parse_overrides(args.overrides)
     for key in FLAG_KEYS:
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
-    return load_config(AnnotationConfig, path, overrides)
+    quoted = {k: json.dumps(v) if isinstance(v, str) and _is_text_field(k) else v for k, v in overrides.items()}
+    return load_config(AnnotationConfig, path, quoted)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -81,6 +81,13 @@ def templated_rationale(body: dict[str, Any]) -> dict[str, str]:
     }
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # dropped connections are a fault we serve on purpose, not news
+
+
 class ChatServer:
     """Threaded HTTP server answering POST /v1/chat/completions and GET /v1/models on 127.0.0.1.
 
@@ -101,11 +108,14 @@ class ChatServer:
         self.json_mode_supported = json_mode_supported
         self.requests: list[RecordedRequest] = []
         self.model_list_calls = 0
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most chat requests being answered at once
         self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -138,9 +148,16 @@ class ChatServer:
                 if not server._authorised(self.headers.get("Authorization")) or fault == "401":
                     self._send(401, {"error": {"message": "Incorrect API key provided"}})
                     return
-                if server.latency_s:
-                    time.sleep(server.latency_s)
-                server._answer(self, body, fault)
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    if server.latency_s:
+                        time.sleep(server.latency_s)
+                    server._answer(self, body, fault)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
 
             def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None,
                       raw: bytes | None = None) -> None:
@@ -154,9 +171,9 @@ class ChatServer:
                 self.wfile.write(data)
 
         self._handler = Handler
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="chat-server", daemon=True)
+        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="chat-server", daemon=True)
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
     @property

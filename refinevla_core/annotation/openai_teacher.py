@@ -16,6 +16,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -83,8 +84,9 @@ class OpenAICompatTeacher(Teacher):
     needs_images = True
     needs_state = False
 
-    def __init__(self, config: AnnotationConfig, api_key: str | None = None,
-                 client: httpx.Client | None = None, seed: int | None = None) -> None:
+    def __init__(self, config: AnnotationConfig, api_key: str | None = None, *,
+                 client: httpx.Client | None = None, seed: int | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         if not config.model:
             raise TeacherError("--model is required for --teacher openai (e.g. gemini-2.0-flash, gpt-4o-mini, or the "
                                "name your vLLM/Ollama server serves)")
@@ -100,7 +102,8 @@ class OpenAICompatTeacher(Teacher):
             timeout=httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
             limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency),
         )
-        self._limiter = RateLimiter(config.requests_per_minute)
+        self._sleep = sleep  # injectable: tests record the backoff delays instead of waiting them out
+        self._limiter = RateLimiter(config.requests_per_minute, sleep=sleep)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._json_mode = config.json_mode != "off"
@@ -235,7 +238,7 @@ class OpenAICompatTeacher(Teacher):
                 delay = backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_max_s, self._rng)
             if retry_after is not None:
                 delay = min(retry_after, MAX_RETRY_AFTER_S)
-            time.sleep(delay)
+            self._sleep(delay)
             attempt += 1
         raise TeacherError(
             f"{url} failed {self.config.max_retries + 1} times in a row (last: {last}); the server is down or "
