@@ -31,7 +31,7 @@ FAULTS = ("ok", "429", "500", "503", "slow", "malformed_body", "bad_json", "miss
 class RecordedRequest:
     path: str
     body: dict[str, Any]
-    image_digests: tuple[str, ...]  # sha256[:16] of each image data URL in the last user turn
+    image_digests: tuple[str, ...]  # sha256[:16] of each image data URL of the first user turn
     fault: str
     time: float = field(default_factory=time.monotonic)
 
@@ -40,7 +40,7 @@ class RecordedRequest:
         return len(self.body.get("messages", [])) > 2
 
 
-def _image_digests(body: dict[str, Any]) -> tuple[str, ...]:
+def request_image_digests(body: dict[str, Any]) -> tuple[str, ...]:
     digests = []
     for message in body.get("messages", [])[:2]:
         content = message.get("content")
@@ -72,7 +72,7 @@ def templated_rationale(body: dict[str, Any]) -> dict[str, str]:
     text = _user_text(body)
     match = re.search(r"Instruction:\s*(.+)", text)
     instruction = match.group(1).strip() if match else text[:80]
-    images = _image_digests(body)
+    images = request_image_digests(body)
     return {
         "observation": f"The scene for '{instruction}' seen in {len(images)} image(s) ({', '.join(images) or 'none'}).",
         "situation_analysis": "The robot is partway through the task.",
@@ -144,7 +144,7 @@ class ChatServer:
                     return
                 fault = server._next_fault(body)
                 with server._lock:
-                    server.requests.append(RecordedRequest(self.path, body, _image_digests(body), fault))
+                    server.requests.append(RecordedRequest(self.path, body, request_image_digests(body), fault))
                 if not server._authorised(self.headers.get("Authorization")) or fault == "401":
                     self._send(401, {"error": {"message": "Incorrect API key provided"}})
                     return
