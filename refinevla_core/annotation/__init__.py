@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from refinevla_core.annotation.config import TEACHERS, AnnotationConfig, PromptConfig
 from refinevla_core.annotation.hf_teacher import HFVLMTeacher
-from refinevla_core.annotation.openai_teacher import OpenAICompatTeacher, resolve_api_key
+from refinevla_core.annotation.openai_teacher import MODEL_REQUIRED, OpenAICompatTeacher, resolve_api_key
 from refinevla_core.annotation.runner import RunSummary, Shard, annotate_dataset, export_rationales
 from refinevla_core.annotation.sim_teacher import SimTeacher
 from refinevla_core.annotation.store import AnnotationKey, AnnotationStore, StoreError
@@ -22,6 +22,8 @@ def make_teacher(config: AnnotationConfig) -> Teacher:
     if config.teacher == "sim":
         return SimTeacher(future_actions=config.future_actions)
     if config.teacher == "openai":
+        if not config.model:  # the settings first: no point asking for a key of an unusable configuration
+            raise TeacherError(MODEL_REQUIRED)
         return OpenAICompatTeacher(config, api_key=resolve_api_key(config.api_key_env))
     if config.teacher == "hf":
         return HFVLMTeacher(config)

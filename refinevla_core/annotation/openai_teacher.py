@@ -33,6 +33,10 @@ SERVER_HINT = ("start the server (vLLM: `vllm serve MODEL --port 8000`; Ollama: 
                "(Gemini: https://generativelanguage.googleapis.com/v1beta/openai, OpenAI: https://api.openai.com/v1)")
 
 
+MODEL_REQUIRED = ("--model is required for --teacher openai (e.g. gemini-2.0-flash, gpt-4o-mini, or the name your "
+                  "vLLM/Ollama server serves)")
+
+
 def resolve_api_key(env_name: str) -> str | None:
     """The API key from the named environment variable; '' names none (local servers). Raises TeacherError."""
     if not env_name:
@@ -88,8 +92,7 @@ class OpenAICompatTeacher(Teacher):
                  client: httpx.Client | None = None, seed: int | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if not config.model:
-            raise TeacherError("--model is required for --teacher openai (e.g. gemini-2.0-flash, gpt-4o-mini, or the "
-                               "name your vLLM/Ollama server serves)")
+            raise TeacherError(MODEL_REQUIRED)
         base = config.base_url.strip().rstrip("/")
         if not base.startswith(("http://", "https://")):
             raise TeacherError(f"--base-url {config.base_url!r} must start with http:// or https:// "
