@@ -121,6 +121,11 @@ class ChatServer:
                 pass
 
             def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/stats"):  # for a server in another process (the benchmark)
+                    with server._lock:
+                        stats = {"calls": len(server.requests), "max_in_flight": server.max_in_flight}
+                    self._send(200, stats)
+                    return
                 if not self.path.rstrip("/").endswith("/models"):
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
                     return
@@ -154,7 +159,7 @@ class ChatServer:
                 try:
                     if server.latency_s:
                         time.sleep(server.latency_s)
-                    server._answer(self, body, fault)
+                    server._answer(self, body, fault, len(raw))
                 finally:
                     with server._lock:
                         server.in_flight -= 1
@@ -215,7 +220,7 @@ class ChatServer:
         fault = self.fault_for(body) if self.fault_for else None
         return fault or "ok"
 
-    def _answer(self, handler: Any, body: dict[str, Any], fault: str) -> None:
+    def _answer(self, handler: Any, body: dict[str, Any], fault: str, request_bytes: int) -> None:
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {FAULTS}")
         if "response_format" in body and (fault == "reject_json_mode" or not self.json_mode_supported):
@@ -255,7 +260,63 @@ class ChatServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         }
         if self.usage:
-            prompt_tokens = len(json.dumps(body.get("messages", []))) // 4
+            prompt_tokens = request_bytes // 4  # a stand-in count: servers report real tokenizer counts
             payload["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(content) // 4,
                                 "total_tokens": prompt_tokens + len(content) // 4}
         handler._send(200, payload)
+
+
+def serve(argv: list[str] | None = None) -> None:
+    """`python -m refinevla_core.annotation.local_server --latency-ms 200`: print the port, serve until killed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="stand-in chat-completions server on 127.0.0.1")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    server = ChatServer(latency_s=args.latency_ms / 1000.0).start()
+    print(server.port, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+class ChatServerProcess:
+    """The stand-in server in its own process, so its request handling does not share the client's CPU and GIL
+    (a real teacher API runs elsewhere): what a benchmark of the client should measure against."""
+
+    def __init__(self, latency_s: float = 0.0) -> None:
+        self.latency_s = latency_s
+        self._process: Any = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict[str, int]:
+        import httpx
+
+        return httpx.get(f"{self.base_url}/stats", timeout=10).json()
+
+    def __enter__(self) -> ChatServerProcess:
+        import subprocess
+        import sys
+
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "refinevla_core.annotation.local_server", "--latency-ms",
+             str(self.latency_s * 1000.0)], stdout=subprocess.PIPE, text=True)
+        line = self._process.stdout.readline().strip()
+        if not line.isdigit():
+            self._process.kill()
+            raise RuntimeError(f"the stand-in chat server did not start (printed {line!r})")
+        self.port = int(line)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._process.kill()
+        self._process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    serve()
