@@ -133,7 +133,8 @@ def image_msg_to_rgb(msg: Any, msgtype: str) -> np.ndarray:
     return np.ascontiguousarray(px[:, :, list(order)])
 
 
-def _resize(rgb: np.ndarray, size: Sequence[int] | None) -> np.ndarray:
+def resize_rgb(rgb: np.ndarray, size: Sequence[int] | None) -> np.ndarray:
+    """Resize to (height, width) with bilinear filtering; None or the same size returns the array unchanged."""
     if not size or tuple(rgb.shape[:2]) == tuple(size):
         return rgb
     from PIL import Image as PILImage
@@ -627,7 +628,7 @@ class BagEpisodeReader:
                     continue
                 msg = reader.deserialize(raw, conn.msgtype)
                 try:
-                    rgb = _resize(image_msg_to_rgb(msg, conn.msgtype), cfg.image_size)
+                    rgb = resize_rgb(image_msg_to_rgb(msg, conn.msgtype), cfg.image_size)
                 except ValueError as e:
                     e0, s0 = users[0]
                     if not self.drop_bad_frames:
