@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("ok", "429", "500", "503", "slow", "malformed_body", "bad_json", "missing_section", "empty", "headed",
+FAULTS = ("ok", "400", "429", "500", "503", "slow", "malformed_body", "bad_json", "missing_section", "empty", "headed",
           "reject_json_mode", "401", "404", "drop")
 
 
@@ -226,7 +226,7 @@ class ChatServer:
         if "response_format" in body and (fault == "reject_json_mode" or not self.json_mode_supported):
             handler._send(400, {"error": {"message": "response_format is not supported by this model"}})
             return
-        if fault in ("429", "500", "503"):
+        if fault in ("400", "429", "500", "503"):
             headers = {"Retry-After": self.retry_after} if fault == "429" and self.retry_after is not None else {}
             handler._send(int(fault), {"error": {"message": f"stand-in fault {fault}"}}, headers)
             return

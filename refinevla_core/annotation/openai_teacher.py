@@ -2,9 +2,10 @@
 
 All four speak POST {base_url}/chat/completions with image_url parts holding base64 data URLs, so one client serves
 them; the differences are handled here: JSON mode (response_format json_object) is requested and dropped for the
-rest of the run if a server refuses it; usage tokens are summed when reported; 429/5xx/timeouts/dropped connections
-are retried with backoff (honouring Retry-After); an invalid reply is re-asked with the parse error, then recorded as
-a failed frame. Errors that would fail every frame (server down, key rejected, model unknown) raise TeacherError.
+rest of the run if a server answers 400 to it; usage tokens are summed when reported; 429/5xx/timeouts/dropped
+connections are retried with backoff (honouring Retry-After); an invalid reply is re-asked with the parse error, then
+recorded as a failed frame. Errors that would fail every frame (server down, key rejected, model unknown) raise
+TeacherError.
 
 Base URLs: Gemini https://generativelanguage.googleapis.com/v1beta/openai, OpenAI https://api.openai.com/v1,
 vLLM http://127.0.0.1:8000/v1, Ollama http://127.0.0.1:11434/v1.
@@ -219,8 +220,9 @@ class OpenAICompatTeacher(Teacher):
                 elif status in RETRY_STATUSES:
                     last = f"HTTP {status}: {_server_message(response)}"
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
-                elif status == 400 and json_mode and self.config.json_mode == "auto" and \
-                        "response_format" in response.text.lower():
+                elif status == 400 and json_mode and self.config.json_mode == "auto":
+                    # servers that lack JSON mode answer 400 in their own words ("response_format is not
+                    # supported", Gemini's "Unknown name ..."): try once without it; a 400 then is a real error
                     with self._lock:
                         self._json_mode = False
                         self.json_mode_dropped = True

@@ -138,6 +138,14 @@ def test_json_mode_is_dropped_once_when_the_server_refuses_it(server):
     assert off.annotate(request()).ok and "response_format" not in server.requests[-1].body
 
 
+def test_a_bad_request_without_json_mode_stops_the_run(server):
+    server.plan.extend(["400", "400"])
+    teacher, _ = teacher_for(server)
+    with pytest.raises(TeacherError, match=r"answered HTTP 400: stand-in fault 400; fix the request settings"):
+        teacher.annotate(request())
+    assert ["response_format" in r.body for r in server.requests] == [True, False]
+
+
 def test_rejected_key_stops_the_run(server):
     server.api_key = "sk-right"
     teacher, _ = teacher_for(server, api_key="sk-wrong", api_key_env="MY_KEY")

@@ -157,3 +157,10 @@ def test_the_store_refuses_another_dataset_with_the_same_name(tmp_path):
     other = annotate_dataset(tmp_path / "b" / "ds", SimTeacher(), sim_config(), store_path=store, progress=False,
                              dataset_id="ds-b")
     assert other.done == 4
+
+
+def test_progress_bar_shows_rate_and_eta(tmp_path, capsys):
+    make_dataset(tmp_path / "ds", episodes=1, frames=3)
+    annotate_dataset(tmp_path / "ds", SimTeacher(), sim_config(), progress=True)
+    err = capsys.readouterr().err
+    assert "annotate [sim:v1]" in err and "3/3" in err and "frame/s" in err and "<00:00" in err
