@@ -167,39 +167,51 @@ class ActionGuard:
 @dataclass
 class WatchdogStatus:
     stale: bool
-    age_s: float | None  # None: no image yet
-    warn: bool  # true only on the step the watchdog first trips (warn once per stale period)
+    age_s: float | None  # age of the newest image; None: no image yet
+    warn: bool  # true only on the check where the watchdog first trips (warn once per stale period)
+    waited_s: float | None = None  # with no image yet: seconds since the watchdog was started
 
     @property
     def reason(self) -> str:
         if not self.stale:
             return ""
         if self.age_s is None:
-            return "no camera image received yet"
+            waited = f" ({self.waited_s:.1f} s since start)" if self.waited_s is not None else ""
+            return f"no camera image received yet{waited}"
         return f"stale camera image: the newest is {self.age_s:.2f} s old"
 
 
 class StaleImageWatchdog:
-    """Decides whether the newest camera image is recent enough to act on; times are monotonic seconds."""
+    """Decides whether the newest camera image is recent enough to act on; times are monotonic seconds.
+
+    Before the first image every check is stale (there is nothing to act on); it warns once when no image came
+    within the timeout of `start()`, and once each time images stop for longer than the timeout.
+    """
 
     def __init__(self, timeout_s: float) -> None:
         if not timeout_s > 0:
             raise ValueError(f"image timeout must be positive seconds; got {timeout_s}")
         self.timeout_s = float(timeout_s)
+        self.started_at: float | None = None
         self.last_image_time: float | None = None
+        self._tripped = False
+
+    def start(self, now: float) -> None:
+        """Forget earlier images and start waiting for one (e.g. when control is activated)."""
+        self.started_at = now
+        self.last_image_time = None
         self._tripped = False
 
     def image_received(self, now: float) -> None:
         self.last_image_time = now
         self._tripped = False
 
-    def reset(self) -> None:
-        self.last_image_time = None
-        self._tripped = False
-
     def status(self, now: float) -> WatchdogStatus:
         if self.last_image_time is None:
-            return WatchdogStatus(stale=True, age_s=None, warn=False)
+            waited = None if self.started_at is None else now - self.started_at
+            warn = waited is not None and waited > self.timeout_s and not self._tripped
+            self._tripped = self._tripped or warn
+            return WatchdogStatus(stale=True, age_s=None, warn=warn, waited_s=waited)
         age = now - self.last_image_time
         if age <= self.timeout_s:
             return WatchdogStatus(stale=False, age_s=age, warn=False)

@@ -120,6 +120,11 @@ def test_watchdog_trips_after_timeout_and_warns_once():
     wd = StaleImageWatchdog(timeout_s=0.5)
     first = wd.status(now=10.0)
     assert first.stale and first.age_s is None and "no camera image" in first.reason and not first.warn
+    wd.start(now=10.0)
+    assert not wd.status(now=10.3).warn, "still within the timeout after start"
+    waiting = wd.status(now=10.6)
+    assert waiting.stale and waiting.warn and "0.6 s since start" in waiting.reason
+    assert not wd.status(now=10.7).warn
     wd.image_received(now=10.0)
     assert not wd.status(now=10.4).stale
     tripped = wd.status(now=10.6)
