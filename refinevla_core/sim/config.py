@@ -25,6 +25,9 @@ class SimConfig:
     control_mode: Literal["pd_ee_delta_pose", "pd_ee_target_delta_pose"] = "pd_ee_delta_pose"
     render: bool = True  # False: no camera images (experts and benchmarks of the physics only; 10x faster)
     instruction_mode: Literal["varied", "canonical"] = "varied"  # varied: a templated phrasing drawn from the seed
+    # rebuild the scene at every reset (~0.1-0.3 s): episodes then depend only on (seed, actions), not on the episodes
+    # before them in the same process (PhysX keeps contact caches across a plain reset)
+    reconfigure_each_episode: bool = True
     show_goal: bool = True  # PickCube hides its goal marker from the camera upstream; True renders it (maniskill.py)
 
     def __post_init__(self) -> None:

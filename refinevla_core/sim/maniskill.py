@@ -217,7 +217,9 @@ class ManiSkillBackend(SimBackend):
     def reset(self, seed: int) -> SimObservation:
         seed = int(seed)
         try:
-            obs, _ = self.env.reset(seed=seed)
+            # reconfigure: rebuild the scene, so no PhysX contact cache or solver warm start survives from the previous
+            # episode; without it an episode's physics depends on the episodes run before it in this process
+            obs, _ = self.env.reset(seed=seed, options={"reconfigure": self.config.reconfigure_each_episode})
         except RuntimeError as e:
             raise SimError(f"{VULKAN_HELP}\n(original error: {e})") from e
         self._show_goal()
@@ -280,7 +282,9 @@ class ManiSkillBackend(SimBackend):
         tcp = u.agent.tcp.pose.raw_pose[0].cpu().numpy().astype(np.float64)
         fingers = u.agent.robot.get_qpos()[0, -2:].cpu().numpy().astype(np.float64)
         holding = None
-        for spec in self.spec.objects:
+        # contact forces are those of the last physics step: right after reset() they still belong to the previous
+        # episode (a cube grasped there would read as held here), and nothing can be held in a fresh scene
+        for spec in self.spec.objects if self.episode.steps > 0 else ():
             if bool(u.agent.is_grasping(getattr(u, spec.attr))[0]):
                 holding = spec.name
                 break
