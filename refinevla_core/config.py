@@ -22,12 +22,36 @@ class ConfigError(ValueError):
     """A config file or override does not fit its dataclass."""
 
 
+class RawOverride(str):
+    """A `key=value` string from a command line: kept verbatim for text fields, read as a YAML scalar otherwise
+    (so `prompt.user=Task: {x}` stays text while `lr=1e-4` becomes a float and `use_lora=true` a bool)."""
+
+
+def _is_text_type(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is typing.Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return bool(args) and all(_is_text_type(a) for a in args)
+    return False
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    if isinstance(value, RawOverride):
+        if _is_text_type(tp):
+            value = str(value)
+        else:
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{where}: {value!r} is not a valid value ({e})") from None
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -148,7 +172,7 @@ def load_config(
 ) -> T:
     """Load `cls` from a YAML file (optionally one top-level `section` of it) plus dotted-key overrides.
 
-    Overrides given as strings ("lr=1e-4" style from a CLI) are parsed as YAML scalars.
+    Overrides from parse_overrides() are RawOverride strings: verbatim for text fields, YAML scalars otherwise.
     """
     data: dict[str, Any] = {}
     where = cls.__name__
@@ -169,7 +193,7 @@ def load_config(
         data = loaded
         where = str(p)
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, yaml.safe_load(value) if isinstance(value, str) else value)
+        _set_dotted(data, key, value)
     try:
         return from_dict(cls, data, where=where)
     except ConfigError as e:
@@ -183,7 +207,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. training.lr=1e-4)")
         k, v = item.split("=", 1)
-        out[k.strip()] = v
+        out[k.strip()] = RawOverride(v)
     return out
 
 

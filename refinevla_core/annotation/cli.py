@@ -8,10 +8,8 @@ and nothing written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -86,25 +84,10 @@ FLAG_KEYS = ("teacher", "model", "base_url", "api_key_env", "every_k", "future_a
              "requests_per_minute", "max_retries", "max_reasks", "timeout_s", "json_mode")
 
 
-def _is_text_field(dotted: str) -> bool:
-    """Whether a dotted config key holds text (str or a Literal of strings)."""
-    cls: Any = AnnotationConfig
-    tp: Any = None
-    for part in dotted.split("."):
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-        if part not in hints:
-            return False
-        tp = cls = hints[part]
-    if typing.get_origin(tp) is typing.Literal:
-        return all(isinstance(a, str) for a in typing.get_args(tp))
-    return tp is str
-
-
 def build_config(args: argparse.Namespace) -> AnnotationConfig:
     """Defaults <- YAML (--config or config/annotation.yaml) <- --set overrides <- explicit flags.
 
-    load_config reads string overrides as YAML scalars; text fields are passed quoted so a prompt like
-    "Task: {instruction}" stays text (unquoted YAML would make it a mapping) and '' / 'on' stay strings.
+    --set values stay verbatim for text fields (a prompt like "Task: {instruction}" stays text), see RawOverride.
     """
     path = args.config if args.config is not None else default_config_path()
     overrides: dict[str, Any] = parse_overrides(args.overrides)
@@ -112,8 +95,7 @@ def build_config(args: argparse.Namespace) -> AnnotationConfig:
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
-    quoted = {k: json.dumps(v) if isinstance(v, str) and _is_text_field(k) else v for k, v in overrides.items()}
-    return load_config(AnnotationConfig, path, quoted)
+    return load_config(AnnotationConfig, path, overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -344,30 +344,6 @@ def annotate_dataset(
     return summary
 
 
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line without its newline (a writer killed mid-append), so the next append starts a clean line."""
-    if not path.is_file():
-        return
-    with path.open("rb+") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":
-            return
-        pos = size
-        while pos > 0:
-            step = min(65536, pos)
-            fh.seek(pos - step)
-            chunk = fh.read(step)
-            cut = chunk.rfind(b"\n")
-            if cut >= 0:
-                fh.truncate(pos - step + cut + 1)
-                return
-            pos -= step
-        fh.truncate(0)
-
-
 def carried_rationales(store_rationales: dict[tuple[int, int], Rationale], episode: int, length: int,
                        every_k: int) -> list[Rationale | None]:
     """Per-frame rationale of one episode: frame f takes the rationale of frame (f // k) * k, if that one is done."""
@@ -386,7 +362,6 @@ def export_rationales(dataset_root: Path, store: AnnotationStore, key: Annotatio
     with lock_path.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            _drop_torn_tail(Path(dataset_root) / "rationales.jsonl")
             ds = EpisodeDataset(dataset_root)  # fresh: another shard may have appended
             existing = ds.rationales()
             rows = []

@@ -56,6 +56,31 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line without its newline (a writer killed mid-append), so the next append starts a clean line."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            fh.seek(pos - step)
+            chunk = fh.read(step)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                fh.truncate(pos - step + cut + 1)
+                return
+            pos -= step
+        fh.truncate(0)
+
+
+
 class EpisodeDataset:
     """Read (and append to) a dataset folder in the project's own format."""
 
@@ -121,7 +146,9 @@ class EpisodeDataset:
         """Append (episode, frame, Rationale, teacher) rows to rationales.jsonl (one write, then fsync)."""
         lines = [json.dumps({"episode": e, "frame": f, "rationale": r.to_dict(), "teacher": t}) for e, f, r, t in rows]
         if lines:
-            with (self.root / "rationales.jsonl").open("a") as fh:
+            path = self.root / "rationales.jsonl"
+            _drop_torn_tail(path)  # a writer killed mid-line must not glue its fragment onto our first row
+            with path.open("a") as fh:
                 fh.write("\n".join(lines) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())

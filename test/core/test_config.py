@@ -37,6 +37,13 @@ def test_overrides_are_yaml_scalars(tmp_path):
     assert cfg.optim.lr == 1e-4 and cfg.use_lora is True and cfg.steps == 3
 
 
+def test_text_overrides_stay_verbatim():
+    cfg = load_config(Outer, overrides=parse_overrides(["name=Task: {x}", "checkpoint=on", "steps=4"]))
+    assert cfg.name == "Task: {x}" and cfg.checkpoint == "on" and cfg.steps == 4
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(Outer, overrides=parse_overrides(["steps=[1"]))
+
+
 def test_unknown_key_names_valid_keys(tmp_path):
     (tmp_path / "c.yaml").write_text("lamda_rationale: 0.5\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lamda_rationale'\].*lambda_rationale"):
