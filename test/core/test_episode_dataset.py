@@ -83,3 +83,13 @@ def test_torn_last_rationale_line_is_ignored(tmp_path):
     with (tmp_path / "ds" / "rationales.jsonl").open("a") as f:
         f.write('{"episode": 0, "frame": 2, "rationa')
     assert EpisodeDataset(tmp_path / "ds").rationales() == {(0, 1): R}
+
+
+def test_append_after_a_torn_line_keeps_every_row_readable(tmp_path):
+    ds = EpisodeDataset.create(tmp_path / "ds")
+    ds.append(make_episode())
+    ds.add_rationales([(0, 1, R, "sim")])
+    with (tmp_path / "ds" / "rationales.jsonl").open("a") as f:
+        f.write('{"episode": 0, "frame": 2, "rationa')
+    ds.add_rationales([(0, 3, R, "sim")])
+    assert EpisodeDataset(tmp_path / "ds").rationales() == {(0, 1): R, (0, 3): R}
