@@ -1,0 +1,175 @@
+"""Model presets: build a ReFineVLA model + processor from a name, fully offline for the random-init sizes.
+
+Why: tests, the CPU demo and the trainer need a real PaliGemma-architecture VLA without any download. A preset is a
+YAML file config/model_<name>.yaml holding a RefineVLAConfig:
+
+  - tiny: Gemma2 4L h128 + SigLIP 2L h128, 112 px / patch 14 (64 image tokens), ~1.7M parameters, random init.
+  - mid: Gemma2 8L h512 + SigLIP 4L h384, 224 px (256 image tokens), ~40M parameters, random init (CPU demo).
+  - paligemma2-3b-224: the paper-scale base (SpatialVLA is PaliGemma2-based) from a local folder or hub id
+    (`base.pretrained`), for GPU users.
+  - paligemma2-3b-224-random: the same architecture with random weights and the offline tokenizer: latency and
+    memory benchmarks at real size without the 6 GB download.
+
+Random-init presets get a BPE tokenizer trained here, in a fraction of a second, on a built-in corpus of robot
+instructions and rationale phrases (byte fallback: any text still encodes), then PaliGemma's processor adds <image>,
+<loc>/<seg> and ReFineVLA adds its action/format tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from refinevla_core.config import ConfigError
+from refinevla_core.model.configuration_refinevla import RefineVLAConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+PRESETS = ("tiny", "mid", "paligemma2-3b-224", "paligemma2-3b-224-random")
+
+
+def preset_path(name: str) -> Path:
+    return CONFIG_DIR / f"model_{name}.yaml"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem.removeprefix("model_") for p in CONFIG_DIR.glob("model_*.yaml"))
+
+
+def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> RefineVLAConfig:
+    """RefineVLAConfig of a preset name (config/model_<name>.yaml) or of a YAML file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = preset_path(str(name_or_path))
+        if not path.is_file():
+            raise ConfigError(f"unknown model preset {str(name_or_path)!r}; choose one of {available_presets()}")
+    return RefineVLAConfig.from_yaml(path, overrides)
+
+
+# ---- the offline tokenizer --------------------------------------------------------------------------------------
+_OBJECTS = ("cube", "red cube", "block", "spoon", "towel", "carrot", "plate", "eggplant", "basket", "cup", "can",
+            "drawer", "bottle", "sponge", "green block", "yellow block", "apple", "coke can", "target", "goal")
+_VERBS = ("put", "place", "push", "pick up", "move", "stack", "open", "close", "lift", "slide", "grasp", "drop")
+_PLACES = ("on the towel", "on the plate", "in the basket", "into the cup", "to the red target", "on top of the block",
+           "to the left", "to the right", "in the sink", "near the cup", "on the table", "into the drawer")
+_RATIONALE = (
+    "Observation: a {o} lies on the table near a {p}.",
+    "Situation Analysis: the gripper is open and above the {o}; the task has not started.",
+    "Situation Analysis: the {o} is held by the gripper and lifted.",
+    "Spatial Reasoning: the {o} is left of the gripper, about 5 cm ahead and 3 cm below it.",
+    "Spatial Reasoning: the {p} is to the right of the {o}, the gripper is behind it.",
+    "Task Planning: move the gripper down, close it, lift the {o}, move right, open the gripper.",
+    "Task Planning: approach from above, rotate the wrist, then push forward by 10 cm.",
+)
+
+
+def tokenizer_corpus() -> list[str]:
+    """Deterministic robot-domain text: instructions, rationale sentences, numbers and headings."""
+    lines = [f"{v} the {o} {p}" for v, o, p in itertools.product(_VERBS, _OBJECTS, _PLACES)]
+    lines += [t.format(o=o, p=p.split()[-1]) for t in _RATIONALE for o in _OBJECTS for p in _PLACES[:4]]
+    lines += [f"{n} cm, {n} mm, {n}.{n % 10} m, {n} degrees" for n in range(100)]
+    return lines
+
+
+def train_offline_tokenizer(vocab_size: int) -> Any:
+    """A Gemma-style (SentencePiece-like) BPE tokenizer trained on `tokenizer_corpus()`; no download.
+
+    <pad>=0 <eos>=1 <bos>=2 <unk>=3 and 256 byte-fallback tokens like Gemma's, so any text (accents, digits, emoji)
+    encodes. Returns a transformers GemmaTokenizer.
+    """
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False)
+    bpe.train_from_iterator(tokenizer_corpus(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return GemmaTokenizer(vocab=model["vocab"], merges=merges)
+
+
+def base_unavailable_message(pretrained: str | None, error: Exception) -> str:
+    return (
+        f"cannot load the base model {pretrained!r} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+        "set base.pretrained to a local folder with a PaliGemma checkpoint (config.json, *.safetensors, tokenizer), "
+        "or fill the HF cache first (huggingface-cli download <id>; HF_HUB_OFFLINE=1 refuses downloads)"
+    )
+
+
+# ---- building -------------------------------------------------------------------------------------------------
+def build_processor(config: RefineVLAConfig) -> Any:
+    """The HF PaliGemmaProcessor of a preset: offline tokenizer (random) or the base checkpoint's (pretrained)."""
+    from transformers import PaliGemmaProcessor
+    from transformers.models.siglip import SiglipImageProcessorPil
+
+    base = config.base
+    if base.source == "pretrained":
+        try:
+            return PaliGemmaProcessor.from_pretrained(base.pretrained, revision=base.revision,
+                                                      trust_remote_code=base.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ConfigError(base_unavailable_message(base.pretrained, e)) from e
+    size = base.vision.image_size
+    image_processor = SiglipImageProcessorPil(size={"height": size, "width": size},
+                                              image_seq_length=base.vision.num_image_tokens)
+    tokenizer = train_offline_tokenizer(base.tokenizer_vocab_size)
+    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def paligemma_config(config: RefineVLAConfig, vocab_len: int, image_token_id: int) -> Any:
+    """PaliGemmaConfig with a Gemma2 text model (PaliGemma2) for a random-init preset."""
+    from transformers import PaliGemmaConfig
+
+    text, vision = config.base.text, config.base.vision
+    vocab_size = text.vocab_size or -(-vocab_len // 64) * 64
+    if vocab_size < vocab_len:
+        raise ConfigError(f"base.text.vocab_size {vocab_size} is smaller than the tokenizer ({vocab_len} tokens)")
+    return PaliGemmaConfig(
+        text_config={
+            "model_type": "gemma2", "vocab_size": vocab_size, "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size, "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
+            "head_dim": text.head_dim, "query_pre_attn_scalar": text.head_dim,
+            "tie_word_embeddings": config.base.tie_word_embeddings, **text.extra,
+        },
+        vision_config={
+            "model_type": "siglip_vision_model", "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size, "num_hidden_layers": vision.num_hidden_layers,
+            "num_attention_heads": vision.num_attention_heads, "patch_size": vision.patch_size,
+            "image_size": vision.image_size, "vision_use_head": False, **vision.extra,
+        },
+        image_token_index=image_token_id,
+        projection_dim=config.base.projection_dim or text.hidden_size,
+        tie_word_embeddings=config.base.tie_word_embeddings,
+    )
+
+
+def build_from_preset(
+    name_or_config: str | Path | RefineVLAConfig,
+    target_order: str | None = None,
+    base_checkpoint: str | None = None,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> Any:
+    """A RefineVLA (model + processor, no statistics yet) from a preset name, YAML path or config.
+
+    `target_order` overrides the preset's; `base_checkpoint` (a local folder or hub id) switches the preset to
+    source "pretrained". Random weights come from torch's generator seeded with `seed`.
+    """
+    from refinevla_core.model.modeling_refinevla import RefineVLA
+
+    if isinstance(name_or_config, RefineVLAConfig):
+        config = RefineVLAConfig.from_dict(name_or_config.to_dict())
+    else:
+        config = load_preset(name_or_config, overrides)
+    if target_order is not None:
+        config = RefineVLAConfig.from_dict({**config.to_dict(), "target_order": target_order})
+    if base_checkpoint is not None:
+        data = config.to_dict()
+        data["base"].update(source="pretrained", pretrained=str(base_checkpoint))
+        config = RefineVLAConfig.from_dict(data)
+    return RefineVLA.build(config, seed=seed)
