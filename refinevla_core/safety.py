@@ -207,14 +207,20 @@ class StaleImageWatchdog:
         self._tripped = False
 
     def status(self, now: float) -> WatchdogStatus:
+        """The state at `now`, without side effects (for diagnostics); warn is always False here."""
         if self.last_image_time is None:
             waited = None if self.started_at is None else now - self.started_at
-            warn = waited is not None and waited > self.timeout_s and not self._tripped
-            self._tripped = self._tripped or warn
-            return WatchdogStatus(stale=True, age_s=None, warn=warn, waited_s=waited)
+            return WatchdogStatus(stale=True, age_s=None, warn=False, waited_s=waited)
         age = now - self.last_image_time
-        if age <= self.timeout_s:
-            return WatchdogStatus(stale=False, age_s=age, warn=False)
-        warn = not self._tripped
-        self._tripped = True
-        return WatchdogStatus(stale=True, age_s=age, warn=warn)
+        return WatchdogStatus(stale=age > self.timeout_s, age_s=age, warn=False)
+
+    def check(self, now: float) -> WatchdogStatus:
+        """The state at `now` for the control loop: warn is True once per stale period (and once when no image
+        came within the timeout of start())."""
+        st = self.status(now)
+        if self.last_image_time is None:
+            st.warn = st.waited_s is not None and st.waited_s > self.timeout_s and not self._tripped
+        else:
+            st.warn = st.stale and not self._tripped
+        self._tripped = self._tripped or st.warn
+        return st

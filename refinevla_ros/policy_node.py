@@ -400,7 +400,7 @@ class PolicyNode(LifecycleNode):
         if not self._enabled:
             self._publish_step(guard.hold("disabled (call ~/enable with data: true)"), None, None, 0.0)
             return
-        status = watchdog.status(time.monotonic())
+        status = watchdog.check(time.monotonic())
         if status.stale:
             if status.warn:
                 self.get_logger().warning(f"{status.reason} on {self._image_topic}: publishing zero motion until "

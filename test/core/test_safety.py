@@ -118,22 +118,23 @@ def test_bad_safety_config_fails_with_the_field_named(bad):
 
 def test_watchdog_trips_after_timeout_and_warns_once():
     wd = StaleImageWatchdog(timeout_s=0.5)
-    first = wd.status(now=10.0)
+    first = wd.check(now=10.0)
     assert first.stale and first.age_s is None and "no camera image" in first.reason and not first.warn
     wd.start(now=10.0)
-    assert not wd.status(now=10.3).warn, "still within the timeout after start"
-    waiting = wd.status(now=10.6)
+    assert not wd.check(now=10.3).warn, "still within the timeout after start"
+    waiting = wd.check(now=10.6)
     assert waiting.stale and waiting.warn and "0.6 s since start" in waiting.reason
-    assert not wd.status(now=10.7).warn
+    assert not wd.check(now=10.7).warn
     wd.image_received(now=10.0)
-    assert not wd.status(now=10.4).stale
-    tripped = wd.status(now=10.6)
+    assert not wd.check(now=10.4).stale
+    assert wd.status(now=10.6).stale and not wd.status(now=10.6).warn, "status() is side-effect free"
+    tripped = wd.check(now=10.6)
     assert tripped.stale and tripped.warn and "0.60 s old" in tripped.reason
-    again = wd.status(now=11.0)
+    again = wd.check(now=11.0)
     assert again.stale and not again.warn, "warn once per stale period"
     wd.image_received(now=11.1)
-    assert not wd.status(now=11.2).stale
-    assert wd.status(now=12.0).warn, "a new stale period warns again"
+    assert not wd.check(now=11.2).stale
+    assert wd.check(now=12.0).warn, "a new stale period warns again"
     with pytest.raises(ValueError, match="positive"):
         StaleImageWatchdog(0)
 
