@@ -231,6 +231,6 @@ def test_writer_refuses_to_overwrite_and_resizing_works(tmp_path):
     with pytest.raises(DataError, match="already exists"):
         write_lerobot_dataset(tmp_path / "ds", make_episodes())
     root = write_lerobot_dataset(tmp_path / "ds2", make_episodes(), image_storage="image")
-    got = list(LeRobotReader(root, load_config(LeRobotConfig, None, {"image_size": "[12, 16]"})).episodes())
+    got = list(LeRobotReader(root, load_config(LeRobotConfig, None, {"image_size": [12, 16]})).episodes())
     assert got[0].images.shape == (4, 12, 16, 3)
     assert not list(tmp_path.glob(".*writing")), "no temp folder left behind"
