@@ -1,0 +1,185 @@
+"""Policy: a ReFineVLA checkpoint behind one call — image + instruction in, un-normalised action + rationale out.
+
+Why: every consumer (the ROS policy node, closed-loop evaluation, benchmarks) needs the same thing — load a
+checkpoint once, then map observations to Bridge-convention actions at control rate — and must not re-implement
+tokenization, statistics or rationale caching. The statistics come from the checkpoint; nothing is guessed.
+
+Rationale modes (PolicyConfig.rationale_mode):
+  - "action_only": 7 action tokens per step, nothing else (the fastest; rationale=None).
+  - "every_step": a fresh rationale at every step.
+  - "every_n": a fresh rationale every `rationale_every_n` steps (and whenever the instruction changes or after
+    reset()); in between the cached one is returned with rationale_fresh=False. With target order
+    rationale_then_action the cached rationale's tokens are fed as a forced prefix before <begin_action> (as ECoT
+    does), so the action stays conditioned on it; with action_then_rationale the in-between steps are action-only
+    and a due rationale is generated after the action (timings_ms["action"] shows the action was ready first).
+
+`predict_batch` treats row i of every call as one episode stream (parallel environments); `reset()` starts new
+episodes for all rows. Consumers may use any object with `predict`/`reset` instead (duck typing, e.g. test stand-ins).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from refinevla_core.config import ConfigError
+from refinevla_core.inference.types import PolicyOutput
+from refinevla_core.rationale import Rationale, RationaleError, parse_rationale
+
+RationaleMode = Literal["action_only", "every_step", "every_n"]
+
+
+@dataclass
+class PolicyConfig:
+    """Inference settings (the ROS policy node mirrors these as parameters)."""
+
+    rationale_mode: RationaleMode = "every_n"
+    rationale_every_n: int = 10
+    seed: int = 0  # seeds sampling (do_sample); greedy decoding is deterministic anyway
+    max_rationale_tokens: int | None = None  # None: the checkpoint's max_rationale_tokens
+    do_sample: bool = False
+    temperature: float = 1.0
+    dtype: str | None = None  # None: the checkpoint's dtype ("float32", "bfloat16", "float16")
+    torch_threads: int | None = None  # torch.set_num_threads at load (None: leave torch's default)
+    verify: Literal["auto", "size", "sha256"] = "auto"  # checkpoint file verification at load
+
+    def __post_init__(self) -> None:
+        if self.rationale_mode not in ("action_only", "every_step", "every_n"):
+            raise ConfigError(
+                f"rationale_mode {self.rationale_mode!r} is not one of ['action_only', 'every_step', 'every_n']"
+            )
+        if self.rationale_every_n < 1:
+            raise ConfigError(f"rationale_every_n must be >= 1, got {self.rationale_every_n}")
+        if self.max_rationale_tokens is not None and self.max_rationale_tokens < 1:
+            raise ConfigError(f"max_rationale_tokens must be >= 1, got {self.max_rationale_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class _Cached:
+    instruction: str
+    ids: list[int]
+    text: str
+    rationale: Rationale | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_generated_rationale(text: str) -> Rationale | None:
+    """The four-section Rationale of generated text, or None when it does not parse (the text is kept anyway)."""
+    try:
+        return parse_rationale(text)
+    except RationaleError:
+        return None
+
+
+class Policy:
+    """A loaded ReFineVLA model with rationale caching. Build with `Policy.from_checkpoint(path)`."""
+
+    def __init__(self, model: Any, config: PolicyConfig | None = None) -> None:
+        self.model = model
+        self.config = config or PolicyConfig()
+        if model.stats is None:
+            raise ConfigError("the model has no action statistics; load it from a checkpoint (stats.json)")
+        self._cache: dict[int, _Cached] = {}
+        self._step = 0
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", config: PolicyConfig | None = None) -> Policy:
+        from refinevla_core.model.checkpoint import load_checkpoint
+
+        config = config or PolicyConfig()
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        model = load_checkpoint(path, device=device, dtype=config.dtype, verify=config.verify)
+        return cls(model, config)
+
+    @property
+    def target_order(self) -> str:
+        return self.model.refinevla_config.target_order
+
+    @property
+    def stats(self) -> Any:
+        return self.model.stats
+
+    @property
+    def step(self) -> int:
+        """Steps predicted since the last reset()."""
+        return self._step
+
+    def reset(self) -> None:
+        """A new episode: forget cached rationales, restart the step count (and the sampling seed sequence)."""
+        self._cache.clear()
+        self._step = 0
+
+    def predict(self, image: np.ndarray, instruction: str) -> PolicyOutput:
+        return self.predict_batch([image], [instruction])[0]
+
+    def _due(self, row: int, instruction: str) -> bool:
+        mode = self.config.rationale_mode
+        if mode == "action_only":
+            return False
+        if mode == "every_step":
+            return True
+        cached = self._cache.get(row)
+        return cached is None or cached.instruction != instruction or self._step % self.config.rationale_every_n == 0
+
+    def predict_batch(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> list[PolicyOutput]:
+        """One step for each row (row i = environment i). Rows due for a fresh rationale are generated together."""
+        t0 = time.perf_counter()
+        images, instructions = list(images), list(instructions)
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} images but {len(instructions)} instructions; give one per image")
+        if not images:
+            return []
+        order = self.target_order
+        due = [self._due(i, instructions[i]) for i in range(len(images))]
+        groups: dict[str, list[int]] = {}
+        for i, d in enumerate(due):
+            groups.setdefault(order if d else "action", []).append(i)
+        outputs: dict[int, PolicyOutput] = {}
+        max_r = self.config.max_rationale_tokens
+        for plan, rows in groups.items():
+            fed = None
+            if plan == "action" and order == "rationale_then_action" and self.config.rationale_mode != "action_only":
+                fed = [self._cache[i].ids if i in self._cache and self._cache[i].instruction == instructions[i] else []
+                       for i in rows]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed * 1_000_003 + self._step)
+                generated = self.model.generate(
+                    [images[i] for i in rows], [instructions[i] for i in rows], plan=plan, fed_rationales=fed,
+                    max_rationale_tokens=max_r, do_sample=self.config.do_sample, temperature=self.config.temperature,
+                )
+            for i, g in zip(rows, generated, strict=True):
+                action = self.model.processor.decode_actions(g.action_bins)
+                if not np.isfinite(action).all():  # cannot happen with bin centres; never pass it on if it does
+                    raise RuntimeError(f"the decoded action {action} is not finite; refusing to return it")
+                fresh = plan != "action"
+                if fresh:
+                    text = self.model.processor.decode_text(g.rationale_ids)
+                    self._cache[i] = _Cached(instructions[i], g.rationale_ids, text, parse_generated_rationale(text))
+                cached = self._cache.get(i) if self.config.rationale_mode != "action_only" else None
+                if cached is not None and cached.instruction != instructions[i]:
+                    cached = None
+                timings = {
+                    "preprocess": g.preprocess_s * 1e3, "generate": g.generate_s * 1e3,
+                    "action": g.action_ready_s * 1e3,
+                }
+                outputs[i] = PolicyOutput(
+                    action=action.astype(np.float32),
+                    rationale=cached.rationale if cached else None,
+                    rationale_text=cached.text if cached else "",
+                    rationale_fresh=fresh,
+                    timings_ms=timings,
+                )
+        total = (time.perf_counter() - t0) * 1e3
+        for out in outputs.values():
+            out.timings_ms["total"] = total
+        self._step += 1
+        return [outputs[i] for i in range(len(images))]
