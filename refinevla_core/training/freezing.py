@@ -223,7 +223,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_selective_transfer(
     model: nn.Module, config: FreezeConfig, new_token_ids: Sequence[int] = ()
 ) -> FreezeReport:
-    """Freeze in place per `config`; wrap head/embedding for the new-token rows. Returns the report."""
+    """Freeze in place per `config`; wrap head/embedding for the new-token rows. Returns the report.
+
+    `embeddings` freezes both token matrices: the input embedding and the output head, tied (PaliGemma) or untied
+    (a checkpoint saved in "head" mode); the new-token rows then learn through TrainableRowsHead.
+    """
     parts = find_parts(model)
     frozen_layers = resolve_frozen_layers(config.language_layers, parts.layers)
     model.requires_grad_(True)
@@ -232,13 +236,15 @@ def apply_selective_transfer(
     if config.projector and parts.projector is not None:
         model.get_submodule(parts.projector).requires_grad_(False)
     embedding = model.get_submodule(parts.embeddings)
-    if config.embeddings:
+    head = model.get_submodule(parts.head) if parts.head else None
+    if config.embeddings:  # the token matrices: input embedding and output head (tied or not)
         embedding.requires_grad_(False)
+        if head is not None:
+            head.requires_grad_(False)
     for i in frozen_layers:
         model.get_submodule(parts.layers[i]).requires_grad_(False)
 
     mode = config.new_token_rows if (config.embeddings and new_token_ids) else "none"
-    head = model.get_submodule(parts.head) if parts.head else None
     if new_token_ids:
         vocab = embedding.weight.shape[0]
         bad = [i for i in new_token_ids if not 0 <= int(i) < vocab]
@@ -250,16 +256,10 @@ def apply_selective_transfer(
                 f"freeze.new_token_rows = {mode!r} needs an nn.Linear output head; this model has "
                 f"{type(head).__name__ if head is not None else 'none'}; set freeze.new_token_rows = none"
             )
-        head_frozen = not head.weight.requires_grad
-        rows = None
-        if head_frozen:  # tied to the frozen embedding (PaliGemma), or frozen for another reason
-            wrapped = TrainableRowsHead(head, new_token_ids)
-            _set_module(model, parts.head, wrapped)
-            rows = wrapped.rows
+        wrapped = TrainableRowsHead(head, new_token_ids)
+        _set_module(model, parts.head, wrapped)
         if mode == "tied":
-            if rows is None:
-                rows = nn.Parameter(embedding.weight.detach()[list(new_token_ids)].clone())
-            _set_module(model, parts.embeddings, TrainableRowsEmbedding(embedding, new_token_ids, rows))
+            _set_module(model, parts.embeddings, TrainableRowsEmbedding(embedding, new_token_ids, wrapped.rows))
     report = describe(model, parts, frozen_layers)
     report.new_token_rows = mode
     report.num_new_tokens = len(new_token_ids) if mode != "none" else 0
@@ -417,7 +417,7 @@ def _fold_rows(model: nn.Module) -> Callable[[], None]:
 
         undo.append(_undo_embed)
     for name, wrapper in head_wrappers:
-        if embed_wrappers and wrapper.rows is embed_wrappers[0][1].rows:
+        if any(wrapper.base.weight is ew.base.weight for _, ew in embed_wrappers):
             _set_module(model, name, wrapper.base)  # tied: the embedding now holds the rows for both
 
             def _undo_tied_head(name=name, wrapper=wrapper) -> None:

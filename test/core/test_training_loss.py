@@ -97,7 +97,7 @@ def test_a_batch_without_rationales_has_a_zero_rationale_term():
 @pytest.mark.parametrize(
     ("break_it", "message"),
     [
-        (lambda lg, lb, a, r: (lg, lb, a, a), "both action and rationale"),
+        (lambda lg, lb, a, r: (lg, lb, a, a), "more than one of action/rationale/format"),
         (lambda lg, lb, a, r: (lg, lb.masked_fill(a, -100), a, r), "ignored labels"),
         (lambda lg, lb, a, r: (lg, lb, a[:, :-1], r), "labels' shape"),
         (lambda lg, lb, a, r: (lg[0], lb, a, r), r"\(B, T, V\)"),
@@ -114,3 +114,21 @@ def test_inconsistent_masks_are_clear_errors(break_it, message):
 def test_negative_lambda_is_rejected():
     with pytest.raises(ValueError, match="lambda_rationale"):
         joint_loss(*example(), -0.1)
+
+
+def test_the_eos_closing_an_action_only_target_joins_the_action_term():
+    logits, labels, action, rationale = example()
+    fmt = torch.zeros_like(action)
+    fmt[:, 8] = True  # the <eos> closing the actions
+    out = joint_loss(logits, labels, action, rationale, 0.3, format_mask=fmt)
+    torch.testing.assert_close(out.action, manual_ce(logits, labels, action | fmt))
+    torch.testing.assert_close(out.total, out.action + 0.3 * out.rationale)
+    assert (out.action_tokens, out.format_tokens) == (4, 2)
+    perfect = torch.full((2, 9, V), -30.0)
+    for b in range(2):
+        for t in range(1, 9):
+            if labels[b, t] >= 0:
+                perfect[b, t - 1, labels[b, t]] = 30.0
+    assert joint_loss(perfect, labels, action, rationale, 0.3, format_mask=fmt).action_correct == 4
+    with pytest.raises(ValueError, match="more than one"):
+        joint_loss(logits, labels, action, rationale, 0.3, format_mask=action)

@@ -65,3 +65,38 @@ def model_inputs(batch: dict) -> dict:
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def make_dataset(root, episodes: int = 4, length: int = 6, *, rationales: bool = True, stats: bool = True,
+                 seed: int = 0, image_size: tuple[int, int] = (64, 80)):
+    """A small EpisodeDataset with random images and actions, a rationale on every frame, and stats.json.
+
+    The action is a function of the episode's cube position (drawn into the image) so a model can learn it."""
+    import numpy as np
+
+    from refinevla_core.data.episode import Episode
+    from refinevla_core.data.episode_dataset import EpisodeDataset
+    from refinevla_core.data.stats import compute_dataset_stats
+    from refinevla_core.rationale import Rationale
+
+    rng = np.random.default_rng(seed)
+    ds = EpisodeDataset.create(root, name="unit")
+    h, w = image_size
+    for e in range(episodes):
+        images = rng.integers(0, 60, (length, h, w, 3), dtype=np.uint8)
+        side = e % 2  # cube on the left or right half
+        images[:, h // 3 : h // 3 + 12, (w // 2) * side + 4 : (w // 2) * side + 16, 0] = 255
+        actions = rng.normal(0.0, 0.01, (length, 7)).astype(np.float32)
+        actions[:, 1] += 0.02 if side == 0 else -0.02
+        actions[:, 6] = (np.arange(length) < length // 2).astype(np.float32)
+        where = "left" if side == 0 else "right"
+        rats = [
+            Rationale(f"a red cube on the {where}", f"step {t} of the push", f"the cube is {where} of the gripper",
+                      f"move {where}, then close the gripper")
+            for t in range(length)
+        ] if rationales else None
+        ds.append(Episode(images=images, actions=actions, instruction="push the red cube", task="unit",
+                          rationales=rats))
+    if stats:
+        compute_dataset_stats(ds)
+    return ds

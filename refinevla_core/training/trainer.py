@@ -1,0 +1,630 @@
+"""The training loop: selective transfer + joint loss on accelerate, resumable after kill -9, with validation,
+a progress bar showing both loss terms, a metrics JSON and a loss-curve PNG per run.
+
+Why accelerate: `python -m refinevla_core train ...` runs on one device, and the very same entry point under
+`accelerate launch --multi_gpu ...` (DDP) or an FSDP accelerate config runs on many; its save_state/load_state
+restore model, optimizer, scheduler and every RNG (python, numpy, torch, CUDA) per process.
+
+Output folder:
+
+    <output_dir>/checkpoints/step-00000200/model/          HF-style checkpoint (refinevla_core.model.checkpoint):
+                                                            weights, config, processor, stats, training config
+    <output_dir>/checkpoints/step-00000200/trainer_state/  accelerate state + progress.json (step, batches consumed,
+                                                            loss history): what resuming needs
+    <output_dir>/final/                                     the HF-style checkpoint of the last step
+    <output_dir>/metrics.json, loss_curve.png, train_config.yaml
+
+A checkpoint is written into `checkpoints/.tmp-step-...` and renamed when complete, so a run killed mid-save leaves
+the previous checkpoint as the newest one (the leftover temp folder is removed at the next start). Resuming rebuilds
+the model from the config, restores the state and continues with the batch after the last one consumed: the batch
+order is a pure function of (seed, batch number) (data.ResumableBatchSampler), so the resumed run computes what an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from refinevla_core.config import ConfigError, save_config, to_dict
+from refinevla_core.data.episode import DataError
+from refinevla_core.data.episode_dataset import EpisodeDataset, atomic_write_json
+from refinevla_core.training.config import RESUME_CRITICAL_KEYS, TrainConfig
+from refinevla_core.training.data import (
+    EpisodeFrames,
+    ResumableBatchSampler,
+    TrainingSample,
+    split_episodes,
+    validation_indices,
+)
+from refinevla_core.training.freezing import (
+    FreezeReport,
+    apply_lora,
+    apply_selective_transfer,
+    describe,
+    export_for_saving,
+)
+from refinevla_core.training.loss import joint_loss
+
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+PROGRESS_NAME = "progress.json"
+METRICS_NAME = "metrics.json"
+CURVE_NAME = "loss_curve.png"
+
+
+@dataclass
+class Progress:
+    """Where a run is: saved with every checkpoint, restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    batches_consumed: int = 0  # global micro-batches taken from the sampler (all processes)
+    train_history: list[dict[str, float]] = field(default_factory=list)
+    val_history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "batches_consumed": self.batches_consumed, "train_history": self.train_history,
+                "val_history": self.val_history, "train_seconds": self.train_seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Progress:
+        return cls(int(data["step"]), int(data["batches_consumed"]), list(data.get("train_history", [])),
+                   list(data.get("val_history", [])), float(data.get("train_seconds", 0.0)))
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_checkpoint: Path
+    metrics: dict[str, Any]
+    resumed_from: Path | None = None
+
+
+# ---- the model side (refinevla_core.model) ---------------------------------------------------------------------------
+def build_model(config: TrainConfig) -> Any:
+    """The RefineVLA to fine-tune: a preset (random init or its pretrained base), or a previous run's checkpoint."""
+    from refinevla_core.model.presets import build_from_preset
+
+    overrides = {}
+    if config.max_rationale_tokens is not None:
+        overrides["max_rationale_tokens"] = config.max_rationale_tokens
+    base = config.base_checkpoint
+    if base and (Path(base) / "refinevla_config.json").is_file():
+        return _from_refinevla_checkpoint(Path(base), config, overrides)
+    return build_from_preset(config.preset, target_order=config.target_order, base_checkpoint=base,
+                             seed=config.seed, overrides=overrides or None)
+
+
+def _from_refinevla_checkpoint(path: Path, config: TrainConfig, overrides: dict[str, Any]) -> Any:
+    """Stage 2 from stage 1: continue from a checkpoint written by this trainer (or save_checkpoint)."""
+    from refinevla_core.model.checkpoint import load_checkpoint
+    from refinevla_core.model.configuration_refinevla import RefineVLAConfig
+    from refinevla_core.model.modeling_refinevla import RefineVLA
+
+    loaded = load_checkpoint(path)
+    changes = dict(overrides)
+    if config.target_order is not None:
+        changes["target_order"] = config.target_order
+    if not changes:
+        return loaded
+    new_config = RefineVLAConfig.from_dict({**loaded.refinevla_config.to_dict(), **changes})
+    loaded.processor.config = new_config
+    return RefineVLA(loaded.vlm, loaded.processor, new_config)
+
+
+def new_token_ids(model: Any) -> list[int]:
+    """The ReFineVLA tokens added to the vocabulary: <act_000..>, <begin_action>, <begin_rationale>."""
+    lay = model.processor.layout
+    return [*range(lay.action_token_start, lay.action_token_end), lay.begin_action_id, lay.begin_rationale_id]
+
+
+class Collator:
+    """Samples -> the processor's teacher-forcing batch (+ continuous actions for validation L1)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
+        actions = np.stack([s.action for s in samples]).astype(np.float32)
+        batch = self.processor.training_batch(
+            [s.image for s in samples], [s.instruction for s in samples], actions, [s.rationale for s in samples]
+        )
+        batch["actions"] = torch.from_numpy(actions)
+        return batch
+
+
+# ---- checkpoints on disk ---------------------------------------------------------------------------------------------
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def _clean_partial_checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / CHECKPOINTS
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _resume_point(config: TrainConfig, output_dir: Path) -> Path | None:
+    existing = list_checkpoints(output_dir)
+    if config.resume == "never":
+        if existing:
+            raise ConfigError(
+                f"{output_dir} already holds checkpoints ({existing[-1].name}); set resume=auto to continue that "
+                "run, or choose a new output_dir"
+            )
+        return None
+    if config.resume == "auto":
+        return existing[-1] if existing else None
+    path = Path(config.resume)
+    if not (path / "trainer_state" / PROGRESS_NAME).is_file():
+        raise ConfigError(f"resume={path}: not a training checkpoint (no trainer_state/{PROGRESS_NAME} in it)")
+    return path
+
+
+def _check_resume_compatible(config: TrainConfig, checkpoint: Path) -> None:
+    saved_path = checkpoint / "trainer_state" / "train_config.json"
+    saved = json.loads(saved_path.read_text())
+    now = to_dict(config)
+    diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RESUME_CRITICAL_KEYS if saved.get(k) != now.get(k)]
+    if diffs:
+        raise ConfigError(
+            f"cannot resume {checkpoint}: the run was started with a different configuration ({'; '.join(diffs)}); "
+            "use the original settings, or a new output_dir / resume=never"
+        )
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------------
+class Trainer:
+    """One training run for a TrainConfig. `run()` trains (or resumes) to the end and returns a TrainResult."""
+
+    def __init__(self, config: TrainConfig, log: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self._log = log
+
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            (self._log or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+
+    # ---- setup ----------------------------------------------------------------------------------------------------
+    def _accelerator(self) -> Any:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            # a second run in the same process (tests, the benchmark) may change precision / device
+            AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision="bf16" if self.config.precision == "bf16" else "no",
+                           cpu=self.config.device == "cpu")
+
+    def _open_data(self) -> tuple[EpisodeDataset, Any]:
+        from refinevla_core.data.stats import load_dataset_stats
+
+        if not self.config.dataset:
+            raise ConfigError("dataset is not set; give dataset=<folder written by refinevla collect/convert>")
+        dataset = EpisodeDataset(self.config.dataset)
+        stats = load_dataset_stats(dataset)  # DataError naming compute_dataset_stats when missing or stale
+        return dataset, stats
+
+    def _setup(self) -> None:
+        cfg = self.config
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        dataset, self.stats = self._open_data()  # before the model: a missing dataset fails in a second
+        self.accelerator = acc = self._accelerator()
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for p in _clean_partial_checkpoints(self.output_dir):
+                self.log(f"removed the partial checkpoint {p} left by an interrupted save")
+        self.resume_from = _resume_point(cfg, self.output_dir)
+        if self.resume_from is not None:
+            _check_resume_compatible(cfg, self.resume_from)
+
+        model = build_model(cfg)
+        model.processor.set_action_stats(self.stats)
+        self.refinevla = model
+        report = apply_selective_transfer(model.vlm, cfg.freeze, new_token_ids(model))
+        if cfg.lora.enabled:
+            model.vlm = apply_lora(model.vlm, report, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                   module_names=cfg.lora.target_modules)
+            rows = describe(model.vlm)
+            rows.frozen_layers, rows.num_layers = report.frozen_layers, report.num_layers
+            rows.new_token_rows, rows.num_new_tokens = report.new_token_rows, report.num_new_tokens
+            report = rows
+        self.report: FreezeReport = report
+        if cfg.gradient_checkpointing:
+            base = model.vlm.get_base_model() if hasattr(model.vlm, "get_base_model") else model.vlm
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.log(f"refinevla train: {cfg.preset} preset, target order {model.refinevla_config.target_order}, "
+                 f"λ_r = {cfg.lambda_rationale}, rationale dropout {cfg.rationale_dropout:.0%}, "
+                 f"{'LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else 'no LoRA'}, {cfg.precision}, "
+                 f"{acc.num_processes} process(es) on {acc.device}")
+        self.log(report.table())
+
+        train_eps, val_eps = split_episodes(len(dataset), cfg.val_fraction, cfg.seed)
+        self.train_frames = EpisodeFrames(dataset, train_eps, seed=cfg.seed, rationale_dropout=cfg.rationale_dropout)
+        self.val_frames = EpisodeFrames(dataset, val_eps, seed=cfg.seed)
+        self.val_keys = validation_indices(len(self.val_frames), cfg.val_max_frames) if len(self.val_frames) else []
+        if self.train_frames.num_with_rationale == 0 and cfg.lambda_rationale > 0:
+            self.log(f"warning: no training frame has a rationale (run `refinevla annotate` on {cfg.dataset}); "
+                     "only the action term trains")
+        per_epoch = len(self.train_frames) // cfg.batch_size
+        if per_epoch == 0:
+            raise DataError(
+                f"the training split has {len(self.train_frames)} frames, fewer than batch_size={cfg.batch_size}; "
+                "lower batch_size or add episodes"
+            )
+        per_step = cfg.grad_accumulation * acc.num_processes
+        if cfg.max_steps is not None:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.epochs * per_epoch / per_step))
+        self.batches_per_step = per_step
+        self.log(f"data: {len(train_eps)} train episodes ({len(self.train_frames)} frames, "
+                 f"{self.train_frames.num_with_rationale} with a rationale), {len(val_eps)} validation episodes "
+                 f"({len(self.val_frames)} frames, {len(self.val_keys)} evaluated); {self.total_steps} steps of "
+                 f"{cfg.batch_size} x {cfg.grad_accumulation} x {acc.num_processes} "
+                 f"= {self.total_steps * cfg.batch_size * per_step / len(self.train_frames):.2f} epochs")
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+        )
+        from transformers import get_scheduler
+
+        schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
+        self.scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_for(self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)  # stepped once per optimizer step, on every process
+        self.collate = Collator(model.processor)
+        self.progress = Progress()
+        if self.resume_from is not None:
+            acc.load_state(str(self.resume_from / "trainer_state"))
+            self.progress = Progress.from_dict(
+                json.loads((self.resume_from / "trainer_state" / PROGRESS_NAME).read_text())
+            )
+            self.log(f"resumed from {self.resume_from} at step {self.progress.step}")
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def _loss(self, batch: dict[str, torch.Tensor], lambda_rationale: float) -> Any:
+        device = self.accelerator.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = self.model(**batch)
+        return joint_loss(out.logits, batch["labels"], batch["action_mask"], batch["rationale_mask"],
+                          lambda_rationale, format_mask=batch.get("format_mask")), out.logits, batch
+
+    def _batches(self) -> Any:
+        from torch.utils.data import DataLoader
+
+        cfg = self.config
+        acc = self.accelerator
+        sampler = ResumableBatchSampler(
+            len(self.train_frames), cfg.batch_size, cfg.seed,
+            total_batches=self.total_steps * self.batches_per_step, start_batch=self.progress.batches_consumed,
+            num_shards=acc.num_processes, shard=acc.process_index,
+        )
+        loader = DataLoader(self.train_frames, batch_sampler=sampler, collate_fn=self.collate,
+                            num_workers=cfg.num_workers)
+        return iter(loader)
+
+    def _train_step(self, batches: Any) -> dict[str, float]:
+        cfg = self.config
+        acc = self.accelerator
+        sums = torch.zeros(4, dtype=torch.float64)  # action/rationale loss sums (token-weighted), token counts
+        self.model.train()
+        for k in range(cfg.grad_accumulation):
+            batch = next(batches)
+            sync = k == cfg.grad_accumulation - 1
+            with nullcontext() if sync else acc.no_sync(self.model):
+                loss, _, _ = self._loss(batch, cfg.lambda_rationale)
+                acc.backward(loss.total / cfg.grad_accumulation)
+            n_act = loss.action_tokens + loss.format_tokens
+            sums += torch.tensor([float(loss.action.detach()) * n_act,
+                                  float(loss.rationale.detach()) * loss.rationale_tokens,
+                                  n_act, loss.rationale_tokens], dtype=torch.float64)
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.batches_consumed += self.batches_per_step
+        self.progress.step += 1
+        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
+        act = float(sums[0] / max(sums[2], 1))
+        rat = float(sums[1] / sums[3]) if sums[3] > 0 else float("nan")
+        total = act + cfg.lambda_rationale * (0.0 if math.isnan(rat) else rat)
+        return {"loss": total, "loss_action": act, "loss_rationale": rat}
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Teacher-forced metrics on held-out episodes: action/rationale token accuracy, L1 of the decoded actions
+        (argmax over action tokens only, as the constrained decoder does), the val loss terms, and the L1 of always
+        predicting the training mean action for reference."""
+        if not self.val_keys:
+            return {}
+        cfg = self.config
+        processor = self.refinevla.processor
+        lay = processor.layout
+        self.model.eval()
+        counts = dict.fromkeys(("act_ok", "act_n", "rat_ok", "rat_n", "act_loss", "act_loss_n", "rat_loss"), 0.0)
+        errors, truth = [], []
+        for start in range(0, len(self.val_keys), cfg.batch_size):
+            samples = [self.val_frames[i] for i in self.val_keys[start : start + cfg.batch_size]]
+            loss, logits, batch = self._loss(self.collate(samples), cfg.lambda_rationale)
+            counts["act_ok"] += loss.action_correct
+            counts["act_n"] += loss.action_tokens
+            counts["rat_ok"] += loss.rationale_correct
+            counts["rat_n"] += loss.rationale_tokens
+            counts["act_loss"] += float(loss.action) * (loss.action_tokens + loss.format_tokens)
+            counts["act_loss_n"] += loss.action_tokens + loss.format_tokens
+            counts["rat_loss"] += float(loss.rationale) * loss.rationale_tokens
+            mask = batch["action_mask"][:, 1:]
+            action_logits = logits[:, :-1][mask][:, lay.action_token_start : lay.action_token_end]
+            bins = action_logits.argmax(-1).reshape(len(samples), -1).cpu().numpy()
+            predicted = processor.decode_actions(bins)
+            actual = batch["actions"].cpu().numpy()
+            errors.append(np.abs(predicted - actual))
+            truth.append(actual)
+        err = np.concatenate(errors)
+        actual = np.concatenate(truth)
+        mean_baseline = np.abs(actual - self.stats.mean[None, :]).mean()
+        metrics: dict[str, Any] = {
+            "step": self.progress.step,
+            "frames": len(err),
+            "action_token_accuracy": counts["act_ok"] / max(counts["act_n"], 1),
+            "action_l1": float(err.mean()),
+            "action_l1_per_dim": [float(v) for v in err.mean(axis=0)],
+            "action_l1_mean_action": float(mean_baseline),
+            "val_loss_action": counts["act_loss"] / max(counts["act_loss_n"], 1),
+        }
+        if counts["rat_n"]:
+            metrics["rationale_token_accuracy"] = counts["rat_ok"] / counts["rat_n"]
+            metrics["val_loss_rationale"] = counts["rat_loss"] / counts["rat_n"]
+        return metrics
+
+    # ---- saving -----------------------------------------------------------------------------------------------
+    def _extra_files(self) -> dict[str, Any]:
+        return {
+            "train_config.json": to_dict(self.config),
+            "freeze_report.txt": (self.report.table() + "\n").encode(),  # bytes: save_checkpoint reads str as a path
+            "train_progress.json": {"step": self.progress.step, "val": _finite(self.progress.val_history[-1:])},
+        }
+
+    def _save_model(self, directory: Path) -> None:
+        from refinevla_core.model.checkpoint import save_checkpoint
+
+        model = self.accelerator.unwrap_model(self.model)
+        with export_for_saving(model.vlm) as plain:
+            save_checkpoint(directory, plain, model.processor, self.stats, model.refinevla_config,
+                            extra_files=self._extra_files())
+        if self.config.lora.enabled and self.config.lora.save_adapter:
+            self._save_adapter(model.vlm, directory / "lora_adapter")
+
+    @staticmethod
+    def _save_adapter(peft_model: Any, directory: Path) -> None:
+        """The adapter alone (peft format) plus the new-token rows it needs; the merged folder above is the one
+        Policy.from_checkpoint loads."""
+        from safetensors.torch import save_file
+
+        peft_model.save_pretrained(str(directory))
+        rows = {n: p.detach().cpu().contiguous() for n, p in peft_model.named_parameters() if n.endswith(".rows")}
+        if rows:
+            save_file(rows, str(directory / "new_token_rows.safetensors"))
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        name = f"step-{self.progress.step:08d}"
+        root = self.output_dir / CHECKPOINTS
+        tmp = root / f".tmp-{name}"
+        final = root / name
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "trainer_state").mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "trainer_state"))
+        if acc.is_main_process:
+            self._save_model(tmp / "model")
+            atomic_write_json(tmp / "trainer_state" / "train_config.json", to_dict(self.config))
+            atomic_write_json(tmp / "trainer_state" / PROGRESS_NAME, self.progress.to_dict())
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.replace(final)
+            _fsync_dir(root)
+            for old in list_checkpoints(self.output_dir)[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def write_metrics(self, final: bool = False) -> dict[str, Any]:
+        cfg = self.config
+        metrics = {
+            "run": to_dict(cfg),
+            "target_order": self.refinevla.refinevla_config.target_order,
+            "freeze": {"table": self.report.table(), "trainable": self.report.trainable,
+                       "frozen": self.report.frozen, "frozen_layers": self.report.frozen_layers,
+                       "num_layers": self.report.num_layers},
+            "data": {"train_frames": len(self.train_frames), "val_frames": len(self.val_frames),
+                     "val_evaluated": len(self.val_keys),
+                     "train_frames_with_rationale": self.train_frames.num_with_rationale},
+            "total_steps": self.total_steps,
+            "step": self.progress.step,
+            "finished": final,
+            "train_seconds": round(self.progress.train_seconds, 3),
+            "train": self.progress.train_history,
+            "val": self.progress.val_history,
+        }
+        if self.accelerator.is_main_process:
+            atomic_write_json(self.output_dir / METRICS_NAME, _finite(metrics))
+            plot_loss_curve(self.progress.train_history, self.progress.val_history, self.output_dir / CURVE_NAME,
+                            title=f"refinevla train ({cfg.preset}, λ_r = {cfg.lambda_rationale})")
+        return metrics
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self._setup()
+        cfg = self.config
+        acc = self.accelerator
+        if acc.is_main_process:
+            save_config(cfg, self.output_dir / "train_config.yaml")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress_bar and acc.is_main_process), desc="train")
+        batches = self._batches()
+        window: list[dict[str, float]] = []
+        started = time.perf_counter()
+        seconds_before = self.progress.train_seconds
+        while self.progress.step < self.total_steps:
+            row = self._train_step(batches)
+            window.append(row)
+            step = self.progress.step
+            self.progress.train_seconds = seconds_before + time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(L=f"{row['loss']:.3f}", act=f"{row['loss_action']:.3f}",
+                            rat="-" if math.isnan(row["loss_rationale"]) else f"{row['loss_rationale']:.3f}")
+            if step % cfg.log_every == 0 or step == self.total_steps:
+                entry = {"step": step, "lr": float(self.scheduler.get_last_lr()[0])}
+                for key in ("loss", "loss_action", "loss_rationale"):
+                    values = [r[key] for r in window if not math.isnan(r[key])]
+                    entry[key] = float(np.mean(values)) if values else float("nan")
+                self.progress.train_history.append(entry)
+                window = []
+            if step % cfg.eval_every == 0 or step == self.total_steps:
+                val = self.evaluate()
+                if val:
+                    self.progress.val_history.append(val)
+                    if acc.is_main_process:
+                        bar.write(_describe_val(val))
+            if step % cfg.save_every == 0 or step == self.total_steps:
+                self.write_metrics()
+                path = self.save_checkpoint()
+                if acc.is_main_process:
+                    bar.write(f"saved {path}")
+        bar.close()
+        final_dir = self.output_dir / "final"
+        if acc.is_main_process:
+            newest = list_checkpoints(self.output_dir)
+            if newest and int(STEP_DIR.match(newest[-1].name).group(1)) == self.progress.step:
+                _replace_dir(newest[-1] / "model", final_dir)
+            else:
+                self._save_model(final_dir)
+        metrics = self.write_metrics(final=True)
+        acc.wait_for_everyone()
+        self.log(f"done: {self.progress.step} steps in {self.progress.train_seconds:.1f} s; model in {final_dir}")
+        return TrainResult(self.output_dir, final_dir, metrics, self.resume_from)
+
+
+def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train (or resume) one run; see Trainer."""
+    return Trainer(config, log=log).run()
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------------
+def _describe_val(val: dict[str, Any]) -> str:
+    text = (f"step {val['step']}: val action token acc {val['action_token_accuracy']:.3f}, action L1 "
+            f"{val['action_l1']:.4f} (mean action: {val['action_l1_mean_action']:.4f})")
+    if "rationale_token_accuracy" in val:
+        text += f", rationale token acc {val['rationale_token_accuracy']:.3f}"
+    return text
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Copy a checkpoint folder to `target`, atomically replacing what is there."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # hard links: checkpoint files are never modified in place, so sharing them is safe and free
+        shutil.copytree(source, tmp, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.replace(old)
+    tmp.replace(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_loss_curve(train: list[dict[str, Any]], val: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Both loss terms (and the total) over steps, with validation losses as markers; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [r["step"] for r in train]
+    for key, label in (("loss", "total L"), ("loss_action", "L_action"), ("loss_rationale", "L_rationale")):
+        values = [r.get(key) for r in train]
+        if any(v is not None and math.isfinite(v) for v in values):
+            ax.plot(steps, [v if v is not None else float("nan") for v in values], label=label)
+    val_series = (("val_loss_action", "val L_action", "o"), ("val_loss_rationale", "val L_rationale", "s"))
+    for key, label, marker in val_series:
+        points = [(r["step"], r[key]) for r in val if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=marker, linestyle="--", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
