@@ -1,0 +1,172 @@
+"""Evaluation through ROS: drive a running sim_bridge_node over real topics with any predict/reset policy.
+
+The client is what a policy node is to the bridge — it receives the camera image (and, for the scripted expert only,
+the privileged-state debug topic), calls `policy.predict`, and publishes the gripper command then the EE delta stamped
+with the image's stamp — plus what an evaluator needs: it resets episodes through the ResetEpisode service and reads
+the outcome from EpisodeStatus. It returns the same EpisodeResult as the in-process runner
+(refinevla_core.eval.runner), so both paths are compared number for number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from typing import Any
+
+import numpy as np
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from std_msgs.msg import Float64, Header, String
+
+from refinevla.msg import EndEffectorDelta, EpisodeStatus
+from refinevla.srv import ResetEpisode
+from refinevla_core.eval.runner import EpisodeResult, _caption
+from refinevla_ros.conversions import delta_to_msg, image_to_rgb
+from refinevla_ros.sim_bridge_node import (
+    COMMAND_QOS,
+    EE_DELTA_TOPIC,
+    GRIPPER_TOPIC,
+    IMAGE_TOPIC,
+    PRIVILEGED_STATE_TOPIC,
+    RESET_SERVICE,
+    STATE_QOS,
+    STATUS_QOS,
+    STATUS_TOPIC,
+    ns_to_stamp,
+    stamp_ns,
+)
+
+
+class BridgeTimeoutError(TimeoutError):
+    """The bridge did not answer in time; the message says what was awaited."""
+
+
+def episode_of(response: ResetEpisode.Response) -> int:
+    """The bridge's episode index from a ResetEpisode response (its message starts with 'episode <n>:')."""
+    match = re.match(r"episode (\d+):", response.message)
+    if match is None:
+        raise RuntimeError(f"unexpected ResetEpisode answer {response.message!r}: is this sim_bridge_node?")
+    return int(match.group(1))
+
+
+class BridgeClient:
+    """Reset / observe / act against sim_bridge_node from a node the caller spins with `executor`."""
+
+    def __init__(self, node: Node, executor: SingleThreadedExecutor, use_privileged_state: bool = False,
+                 timeout_s: float = 60.0) -> None:
+        self.node, self.executor, self.timeout_s = node, executor, timeout_s
+        self.images: dict[int, Image] = {}
+        self.states: dict[int, dict[str, Any]] = {}
+        self.statuses: list[EpisodeStatus] = []
+        node.create_subscription(Image, IMAGE_TOPIC, self._on_image, qos_profile_sensor_data)
+        node.create_subscription(EpisodeStatus, STATUS_TOPIC, self.statuses.append, STATUS_QOS)
+        if use_privileged_state:
+            node.create_subscription(String, PRIVILEGED_STATE_TOPIC, self._on_state, STATE_QOS)
+        self.delta_pub = node.create_publisher(EndEffectorDelta, EE_DELTA_TOPIC, COMMAND_QOS)
+        self.gripper_pub = node.create_publisher(Float64, GRIPPER_TOPIC, COMMAND_QOS)
+        self.reset_client = node.create_client(ResetEpisode, RESET_SERVICE)
+
+    # ---- plumbing ----------------------------------------------------------------------------------------------------
+    def _on_image(self, msg: Image) -> None:
+        self.images[stamp_ns(msg.header.stamp)] = msg
+        if len(self.images) > 8:  # keep the newest few
+            for k in sorted(self.images)[:-8]:
+                del self.images[k]
+
+    def _on_state(self, msg: String) -> None:
+        payload = json.loads(msg.data)
+        ns = int(payload["stamp"]["sec"]) * 1_000_000_000 + int(payload["stamp"]["nanosec"])
+        self.states[ns] = payload["state"]
+        if len(self.states) > 8:
+            for k in sorted(self.states)[:-8]:
+                del self.states[k]
+
+    def spin_until(self, predicate: Any, what: str, timeout_s: float | None = None) -> Any:
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            self.executor.spin_once(timeout_sec=0.005)
+        value = predicate()
+        if not value:
+            raise BridgeTimeoutError(f"timed out after {timeout_s or self.timeout_s:.0f} s waiting for {what}; is "
+                                "sim_bridge_node running on this ROS domain?")
+        return value
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        self.spin_until(self.reset_client.service_is_ready, f"the {RESET_SERVICE} service", timeout_s)
+
+    def reset(self, seed: int, task: str = "") -> ResetEpisode.Response:
+        request = ResetEpisode.Request(task=task, seed=int(seed))
+        future = self.reset_client.call_async(request)
+        response = self.spin_until(lambda: future.done() and future.result(), f"{RESET_SERVICE} to answer",
+                                   timeout_s=max(self.timeout_s, 120.0))
+        if not response.success:
+            raise RuntimeError(f"the bridge could not reset to {task or '(current task)'} seed {seed}: "
+                               f"{response.message}")
+        return response
+
+    def send(self, stamp_ns_: int, action: np.ndarray) -> None:
+        """Gripper first, then the EE delta: the delta completes the step."""
+        header = Header(stamp=ns_to_stamp(stamp_ns_), frame_id="world")
+        self.gripper_pub.publish(Float64(data=float(action[6])))
+        self.delta_pub.publish(delta_to_msg(action[:6], header))
+
+    # ---- an episode --------------------------------------------------------------------------------------------------
+    def run_episode(self, policy: Any, seed: int, task: str = "", record_frames: bool = False,
+                    state_box: dict[str, Any] | None = None) -> EpisodeResult:
+        """Reset to (task, seed), act until EpisodeStatus says done. `state_box["state"]` receives the privileged
+        state of each observation (for a ScriptedExpertPolicy reading it)."""
+        t0 = time.perf_counter()
+        response = self.reset(seed, task)
+        episode = episode_of(response)
+
+        def first_status() -> EpisodeStatus | None:
+            return next((s for s in self.statuses if s.episode == episode and s.step == 0), None)
+
+        status = self.spin_until(first_status, f"the first EpisodeStatus of episode {episode} (seed {seed})")
+        policy.reset()
+        result = EpisodeResult(task=status.task, seed=seed, instruction=response.instruction, success=False,
+                               final_success=False, steps=0, total_reward=0.0, wall_s=0.0,
+                               frames=[] if record_frames else None, via="ros")
+        while True:
+            if status.done:
+                break
+            ns = stamp_ns(status.header.stamp)
+            image_msg = self.spin_until(lambda ns=ns: self.images.get(ns), f"the camera image of step {status.step}")
+            image = image_to_rgb(image_msg)
+            if state_box is not None:
+                state_box["state"] = self.spin_until(lambda ns=ns: self.states.get(ns),
+                                                     f"the privileged state of step {status.step} (is the bridge "
+                                                     "running with publish_privileged_state:=true?)")
+            if record_frames:
+                result.frames.append(image)
+            tp = time.perf_counter()
+            output = policy.predict(image, status.instruction)
+            result.policy_ms.append((time.perf_counter() - tp) * 1000.0)
+            action = np.asarray(getattr(output, "action", output), dtype=np.float64).reshape(-1)
+            result.actions.append([round(float(v), 6) for v in action])
+            result.captions.append(_caption(output))
+            self.send(ns, action)
+            status = self.spin_until(
+                lambda ns=ns: next((s for s in self.statuses if s.episode == episode
+                                    and stamp_ns(s.header.stamp) > ns), None),
+                f"the bridge to step (seed {seed}, step {status.step})")
+            result.total_reward += status.reward
+        if record_frames:  # the final observation, for the video (best effort: the camera topic may drop it)
+            last = self.images.get(stamp_ns(status.header.stamp))
+            if last is None:
+                with contextlib.suppress(BridgeTimeoutError):
+                    last = self.spin_until(lambda: self.images.get(stamp_ns(status.header.stamp)), "the final image",
+                                           2.0)
+            if last is not None:
+                result.frames.append(image_to_rgb(last))
+        result.steps, result.success, result.final_success = status.step, status.ever_success, status.success
+        result.wall_s = time.perf_counter() - t0
+        self.statuses[:] = self.statuses[-4:]
+        return result
