@@ -135,11 +135,16 @@ def run(args: argparse.Namespace) -> int:
     def request_stop(signum: int, _frame: Any) -> None:
         stop.append(signal.Signals(signum).name)
 
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+        node = rclpy.create_node(NODE_NAME)
+    except Exception:
+        recording.close()
+        raise
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    node = rclpy.create_node(NODE_NAME)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
+    recorder: TopicRecorder | None = None
     try:
         recorder = TopicRecorder(node, recording, topics, args.flush_every, say)
         say(f"writing {args.out} ({args.format}); waiting for publishers of: {', '.join(recorder.pending) or '-'}")
@@ -156,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     reason = f"on {stop[0]}" if stop else "after --duration"
     counts = ", ".join(f"{t} {n}" for t, n in recording.counts.items()) or "nothing"
     say(f"stopped {reason}; wrote {args.out}: {counts}")
-    if recorder.pending:
+    if recorder is not None and recorder.pending:
         say(f"warning: no publisher ever appeared for {', '.join(recorder.pending)}")
     if not recording.counts:
         say("warning: no messages were recorded; check the topic names (ros2 topic list) and ROS_DOMAIN_ID")
