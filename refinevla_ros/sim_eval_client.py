@@ -10,9 +10,17 @@ the outcome from EpisodeStatus. It returns the same EpisodeResult as the in-proc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +33,7 @@ from std_msgs.msg import Float64, Header, String
 from refinevla.msg import EndEffectorDelta, EpisodeStatus
 from refinevla.srv import ResetEpisode
 from refinevla_core.eval.runner import EpisodeResult, _caption
+from refinevla_core.sim.config import SimConfig
 from refinevla_ros.conversions import delta_to_msg, image_to_rgb
 from refinevla_ros.sim_bridge_node import (
     COMMAND_QOS,
@@ -170,3 +179,77 @@ class BridgeClient:
         result.wall_s = time.perf_counter() - t0
         self.statuses[:] = self.statuses[-4:]
         return result
+
+
+def bridge_command(sim: SimConfig, privileged_state: bool, extra: list[str] | None = None) -> list[str]:
+    """`python -m refinevla_ros.sim_bridge_node` with lockstep stepping that waits for every action (the same
+    numbers as in-process: no hold step is ever inserted by a slow policy)."""
+    params = {f"sim.{k}": v for k, v in dataclasses.asdict(sim).items()}
+    params.update({"step_mode": "lockstep", "action_timeout_s": 0.0, "publish_privileged_state": privileged_state})
+    args = [sys.executable, "-m", "refinevla_ros.sim_bridge_node", "--ros-args"]
+    for k, v in params.items():
+        value = str(v).lower() if isinstance(v, bool) else str(v)
+        args += ["-p", f"{k}:={value}"]
+    return args + (extra or [])
+
+
+@contextlib.contextmanager
+def bridge_process(sim: SimConfig, privileged_state: bool, log_path: Path | None = None) -> Iterator[Any]:
+    """A sim_bridge_node in its own process (its own session: stopped with SIGINT, killed if it hangs)."""
+    log = log_path.open("wb") if log_path else subprocess.DEVNULL  # closed below
+    proc = subprocess.Popen(bridge_command(sim, privileged_state), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if log_path:
+            log.close()
+
+
+def evaluate_via_ros(make_policy: Callable[[Callable[[], dict]], Any], tasks: list[str], episodes: int, *,
+                     seed: int = 0, sim: SimConfig | None = None, videos_per_task: int = 0,
+                     on_episode: Callable[[EpisodeResult], None] | None = None,
+                     privileged_state: bool = False, timeout_s: float = 120.0) -> list[EpisodeResult]:
+    """The ROS twin of refinevla_core.eval.runner.evaluate: starts a bridge, drives it from a client node."""
+    import rclpy
+    from rclpy.context import Context
+
+    sim = dataclasses.replace(sim or SimConfig(), task=tasks[0])
+    log_path = Path(tempfile.mkstemp(prefix="sim_bridge-", suffix=".log")[1])
+    results: list[EpisodeResult] = []
+    with bridge_process(sim, privileged_state, log_path) as proc:
+        ctx = Context()
+        rclpy.init(context=ctx)
+        node = rclpy.create_node("refinevla_eval", context=ctx)
+        executor = SingleThreadedExecutor(context=ctx)
+        executor.add_node(node)
+        try:
+            client = BridgeClient(node, executor, use_privileged_state=privileged_state, timeout_s=timeout_s)
+            client.wait_ready()
+            box: dict[str, Any] = {}
+            policy = make_policy(lambda: box["state"])
+            for task in tasks:
+                for i in range(episodes):
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"sim_bridge_node exited ({proc.returncode}): "
+                                           f"{log_path.read_text(errors='replace')[-2000:]}")
+                    r = client.run_episode(policy, seed + i, task=task, record_frames=i < videos_per_task,
+                                           state_box=box if privileged_state else None)
+                    results.append(r)
+                    if on_episode is not None:
+                        on_episode(r)
+        except BridgeTimeoutError as e:
+            raise RuntimeError(f"{e}\nbridge log ({log_path}):\n{log_path.read_text(errors='replace')[-2000:]}") \
+                from e
+        finally:
+            executor.shutdown()
+            node.destroy_node()
+            rclpy.shutdown(context=ctx)
+    return results

@@ -86,7 +86,7 @@ def write_videos(results: list[EpisodeResult], out: Path, fps: float = 5.0, size
         frames = []
         for t, image in enumerate(r.frames):
             caption = r.captions[t] if t < len(r.captions) else ("success" if r.success else "failure")
-            header = f"{r.task} seed {r.seed} step {t}/{r.steps} {'SUCCESS' if r.success else ''}".strip()
+            header = f"{r.task} | seed {r.seed} | step {t}/{r.steps} | {'solved' if r.success else 'not solved'}"
             frames.append(captioned_frame(image, header, caption if t < len(r.captions) else
                                           f"episode over: {'solved' if r.success else 'not solved'} "
                                           f"({r.instruction})", size=size))
