@@ -165,3 +165,21 @@ def test_the_refinevla_command_runs_convert(tmp_path, bag):
     assert r.returncode == 0, r.stderr
     assert "2 episode(s), 7 frame(s)" in r.stdout
     assert json.loads((tmp_path / "ds" / "meta.json").read_text())["num_frames"] == 7
+
+
+def test_a_converted_bag_trains_for_a_few_steps(tmp_path):
+    """Issue #9's loop end to end on the learner side: bag -> convert -> the trainer reads the dataset and its
+    statistics and takes optimizer steps (tiny preset, λ_r = 0: recorded data has no rationales until annotated)."""
+    from refinevla_core.training.config import TrainConfig
+    from refinevla_core.training.trainer import train
+
+    tl = demo_timeline([("pick up the red cube", 5), ("put the cube on the towel", 4), ("push the cube left", 4)])
+    bag_path = write_bag(tmp_path / "bag", tl.events)
+    assert run_convert("--bag", str(bag_path), "--out", str(tmp_path / "ds")) == 0
+    result = train(TrainConfig(dataset=str(tmp_path / "ds"), preset="tiny", max_steps=2, lambda_rationale=0.0,
+                               batch_size=2, output_dir=str(tmp_path / "run"), progress_bar=False, torch_threads=1,
+                               eval_every=2, save_every=2, device="cpu"), log=lambda _: None)
+    assert result.metrics["finished"] and result.metrics["step"] == 2
+    assert result.metrics["data"]["train_frames"] + result.metrics["data"]["val_frames"] == 13
+    assert np.isfinite(result.metrics["train"][-1]["loss_action"])
+    assert (result.final_checkpoint / "stats.json").is_file(), "the dataset's statistics travel into the checkpoint"
