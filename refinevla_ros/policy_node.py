@@ -563,7 +563,8 @@ def main(args: list[str] | None = None) -> int:
         node.get_logger().error("autostart failed: the node stays unconfigured; fix the parameters and run "
                                 "`ros2 lifecycle set /policy_node configure`")
     try:
-        executor.spin()
+        while rclpy.ok():  # wakes every 0.1 s so SIGINT/SIGTERM (KeyboardInterrupt) is handled promptly
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
