@@ -126,6 +126,16 @@ def _from_refinevla_checkpoint(path: Path, config: TrainConfig, overrides: dict[
     return RefineVLA(loaded.vlm, loaded.processor, new_config)
 
 
+def _check_model_source(config: TrainConfig) -> None:
+    """Unknown preset or missing base checkpoint folder -> ConfigError naming the choices, before any work."""
+    from refinevla_core.model.presets import load_preset
+
+    base = config.base_checkpoint
+    if base and (Path(base) / "refinevla_config.json").is_file():
+        return
+    load_preset(config.preset)  # ConfigError: unknown model preset ..., choose one of [...]
+
+
 def new_token_ids(model: Any) -> list[int]:
     """The ReFineVLA tokens added to the vocabulary: <act_000..>, <begin_action>, <begin_rationale>."""
     lay = model.processor.layout
@@ -207,8 +217,9 @@ class Trainer:
         self._log = log
 
     def log(self, message: str) -> None:
-        if self.accelerator.is_main_process:
-            (self._log or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+        acc = getattr(self, "accelerator", None)
+        if acc is None or acc.is_main_process:
+            (self._log or _print_above_progress_bar)(message)
 
     # ---- setup ----------------------------------------------------------------------------------------------------
     def _accelerator(self) -> Any:
@@ -234,19 +245,16 @@ class Trainer:
         cfg = self.config
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
+        # every check that can fail comes before anything is written: a bad config leaves no half-made run behind
         dataset, self.stats = self._open_data()  # before the model: a missing dataset fails in a second
+        _check_model_source(cfg)
+        self.resume_from = _resume_point(cfg, self.output_dir)
+        if self.resume_from is not None:
+            _check_resume_compatible(cfg, self.resume_from)
         self.accelerator = acc = self._accelerator()
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            for p in _clean_partial_checkpoints(self.output_dir):
-                self.log(f"removed the partial checkpoint {p} left by an interrupted save")
-        self.resume_from = _resume_point(cfg, self.output_dir)
-        if self.resume_from is not None:
-            _check_resume_compatible(cfg, self.resume_from)
-
         model = build_model(cfg)
         model.processor.set_action_stats(self.stats)
         self.refinevla = model
@@ -292,6 +300,11 @@ class Trainer:
                  f"({len(self.val_frames)} frames, {len(self.val_keys)} evaluated); {self.total_steps} steps of "
                  f"{cfg.batch_size} x {cfg.grad_accumulation} x {acc.num_processes} "
                  f"= {self.total_steps * cfg.batch_size * per_step / len(self.train_frames):.2f} epochs")
+
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for p in _clean_partial_checkpoints(self.output_dir):
+                self.log(f"removed the partial checkpoint {p} left by an interrupted save")
 
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -525,13 +538,11 @@ class Trainer:
                 val = self.evaluate()
                 if val:
                     self.progress.val_history.append(val)
-                    if acc.is_main_process:
-                        bar.write(_describe_val(val))
+                    self.log(_describe_val(val))
             if step % cfg.save_every == 0 or step == self.total_steps:
                 self.write_metrics()
                 path = self.save_checkpoint()
-                if acc.is_main_process:
-                    bar.write(f"saved {path}")
+                self.log(f"saved {path}")
         bar.close()
         final_dir = self.output_dir / "final"
         if acc.is_main_process:
@@ -552,6 +563,12 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------------
+def _print_above_progress_bar(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
 def _describe_val(val: dict[str, Any]) -> str:
     text = (f"step {val['step']}: val action token acc {val['action_token_accuracy']:.3f}, action L1 "
             f"{val['action_l1']:.4f} (mean action: {val['action_l1_mean_action']:.4f})")

@@ -1,0 +1,294 @@
+"""The trainer end to end on the tiny preset and small datasets written with EpisodeDataset: what trains and what
+stays frozen, both loss terms falling, λ_r = 0, validation, LoRA, resume after kill -9, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from refinevla_core.config import ConfigError
+from refinevla_core.data.episode import DataError, Episode
+from refinevla_core.data.episode_dataset import EpisodeDataset
+from refinevla_core.data.stats import compute_dataset_stats
+from refinevla_core.rationale import Rationale
+from refinevla_core.training.config import CONFIG_DIR, TrainConfig, load_train_config
+from refinevla_core.training.freezing import apply_selective_transfer
+from refinevla_core.training.trainer import Trainer, build_model, list_checkpoints, new_token_ids, train
+from test.core.training_support import make_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+SELECTIVE = {"freeze.vision": True, "freeze.projector": True, "freeze.embeddings": True, "freeze.language_layers": 2}
+
+
+def config_for(dataset: Path, output_dir: Path, **overrides) -> TrainConfig:
+    base = {
+        "dataset": str(dataset), "output_dir": str(output_dir), "max_steps": 4, "batch_size": 4, "lr": 3e-3,
+        "warmup_steps": 0, "log_every": 1, "eval_every": 1000, "save_every": 1000, "progress_bar": False,
+        "torch_threads": 1, "val_fraction": 0.0,
+    }
+    return load_train_config(CONFIG_DIR / "train_tiny.yaml", {**base, **overrides})
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "ds"
+    make_dataset(root, episodes=2, length=4)
+    return root
+
+
+def test_frozen_parameters_stay_bit_identical_and_every_trainable_one_changes(small_dataset, tmp_path):
+    from refinevla_core.model.checkpoint import load_checkpoint
+
+    cfg = config_for(small_dataset, tmp_path / "run", max_steps=3, **SELECTIVE)
+    initial = build_model(cfg)
+    apply_selective_transfer(initial.vlm, cfg.freeze, new_token_ids(initial))
+    before = {n: p.detach().clone() for n, p in initial.vlm.named_parameters()}
+    messages: list[str] = []
+    trainer = Trainer(cfg, log=messages.append)
+    result = trainer.run()
+
+    trained = trainer.accelerator.unwrap_model(trainer.model).vlm
+    frozen, trainable = [], []
+    for name, p in trained.named_parameters():
+        (trainable if p.requires_grad else frozen).append(name)
+        if p.requires_grad:
+            assert not torch.equal(p, before[name]), f"trainable {name} did not change"
+        else:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+    assert any("vision_tower" in n for n in frozen) and any("layers.1." in n for n in frozen)
+    assert any("layers.3." in n for n in trainable) and "lm_head.rows" in trainable
+    assert any("parameter group" in m and "new-token rows" in m for m in messages), "the table is printed at start"
+
+    # the saved checkpoint: frozen weights bit-identical, new-token head rows trained, all other head rows untouched
+    saved = load_checkpoint(result.final_checkpoint).vlm
+    state = dict(saved.named_parameters())
+    for name in frozen:
+        if name.startswith("lm_head"):
+            continue
+        assert torch.equal(state[name], before[name]), name
+    ids = new_token_ids(initial)
+    embed = before["model.language_model.embed_tokens.weight"]
+    others = torch.ones(embed.shape[0], dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(saved.lm_head.weight[others], embed[others])
+    assert (saved.lm_head.weight[ids] != embed[ids]).any(dim=1).all()
+
+
+@pytest.mark.parametrize("order", ["rationale_then_action", "action_then_rationale"])
+def test_both_loss_terms_fall_when_overfitting_a_tiny_set(small_dataset, tmp_path, order):
+    cfg = config_for(small_dataset, tmp_path / "run", max_steps=30, log_every=5, target_order=order,
+                     rationale_dropout=0.25)
+    history = train(cfg, log=quiet).metrics["train"]
+    first, last = history[0], history[-1]
+    assert last["loss_action"] < 0.7 * first["loss_action"], history
+    assert last["loss_rationale"] < 0.8 * first["loss_rationale"], history
+    assert all(np.isfinite(r["loss"]) for r in history)
+
+
+def test_lambda_zero_is_plain_action_fine_tuning(small_dataset, tmp_path):
+    cfg = config_for(small_dataset, tmp_path / "run", max_steps=30, log_every=5, lambda_rationale=0.0,
+                     target_order="action_then_rationale")
+    history = train(cfg, log=quiet).metrics["train"]
+    assert all(r["loss"] == pytest.approx(r["loss_action"]) for r in history), "L = L_action when λ_r = 0"
+    assert history[-1]["loss_action"] < 0.7 * history[0]["loss_action"]
+    # the rationale is still measured but not learnt (with λ_r = 0.3 the same run lowers it by ~30 %)
+    assert history[-1]["loss_rationale"] > history[0]["loss_rationale"] - 0.3, history
+
+
+def constant_action_dataset(root: Path) -> np.ndarray:
+    """Different images, one action: a model that learnt it must decode it within half a bin. (Each constant dimension
+    gets a tiny range around its value, so all seven land in the middle bin, 128; a random-init model predicts other
+    bins.)"""
+    action = np.array([0.01, -0.02, 0.03, 0.0, 0.05, -0.1, 0.501], np.float32)
+    rng = np.random.default_rng(0)
+    ds = EpisodeDataset.create(root)
+    for _ in range(3):
+        rats = [Rationale("a cube", "start", "cube ahead", "push forward")] * 4
+        ds.append(Episode(images=rng.integers(0, 255, (4, 56, 72, 3), dtype=np.uint8),
+                          actions=np.tile(action, (4, 1)), instruction="push the cube", rationales=rats))
+    compute_dataset_stats(ds)
+    return action
+
+
+def test_validation_metrics_checkpoint_and_policy_on_a_learnable_set(tmp_path):
+    from refinevla_core.inference.policy import Policy, PolicyConfig
+
+    action = constant_action_dataset(tmp_path / "ds")
+    cfg = config_for(tmp_path / "ds", tmp_path / "run", max_steps=20, val_fraction=0.34, eval_every=10,
+                     log_every=5, rationale_dropout=0.0)
+    result = train(cfg, log=quiet)
+    val = result.metrics["val"]
+    assert [v["step"] for v in val] == [10, 20]
+    final = val[-1]
+    assert final["frames"] == 4, "one held-out episode of 4 frames"
+    assert final["action_token_accuracy"] == 1.0
+    half_bin = 0.5 / 256  # the gripper's fixed [0, 1] range has the widest bins here
+    assert final["action_l1"] <= half_bin and len(final["action_l1_per_dim"]) == 7
+    assert 0.0 <= final["rationale_token_accuracy"] <= 1.0 and final["val_loss_rationale"] > 0
+
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["step"] == 20 and metrics["val"][-1]["action_token_accuracy"] == 1.0
+    assert (result.output_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (result.final_checkpoint / "train_config.json").is_file()
+
+    policy = Policy.from_checkpoint(result.final_checkpoint, config=PolicyConfig(rationale_mode="action_only"))
+    out = policy.predict(np.zeros((56, 72, 3), np.uint8), "push the cube")
+    np.testing.assert_allclose(out.action, action, atol=half_bin)
+
+
+def test_lora_trains_and_saves_a_loadable_merged_checkpoint(small_dataset, tmp_path):
+    from refinevla_core.model.checkpoint import load_checkpoint
+    from test.core.training_support import model_inputs
+
+    cfg = config_for(small_dataset, tmp_path / "run", max_steps=3, **SELECTIVE, **{"lora.enabled": True, "lora.r": 4})
+    trainer = Trainer(cfg, log=quiet)
+    result = trainer.run()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainable = {n: p for n, p in model.vlm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.endswith(".rows") for n in trainable)
+    assert all(float(p.detach().abs().sum()) > 0 for n, p in trainable.items() if "lora_B" in n), "B starts at 0"
+    assert not any("vision" in n for n in trainable)
+
+    loaded = load_checkpoint(result.final_checkpoint)
+    assert not hasattr(loaded.vlm, "peft_config"), "the saved model is merged: plain transformers"
+    samples = [trainer.val_frames[i] if len(trainer.val_frames) else trainer.train_frames[i] for i in range(2)]
+    batch = trainer.collate(samples)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        got = loaded(**model_inputs(batch)).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    adapter = result.final_checkpoint / "lora_adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "new_token_rows.safetensors").is_file()
+
+
+def test_precision_accumulation_and_checkpointing_options_run(small_dataset, tmp_path):
+    plain = train(config_for(small_dataset, tmp_path / "a", max_steps=2, **SELECTIVE), log=quiet).metrics["train"]
+    checkpointed = train(config_for(small_dataset, tmp_path / "b", max_steps=2, gradient_checkpointing=True,
+                                    **SELECTIVE), log=quiet).metrics["train"]
+    for a, b in zip(plain, checkpointed, strict=True):  # recomputation changes memory, not results
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    bf16 = train(config_for(small_dataset, tmp_path / "c", max_steps=2, precision="bf16", grad_accumulation=2,
+                            schedule="linear", warmup_steps=1), log=quiet).metrics["train"]
+    assert len(bf16) == 2 and all(np.isfinite(r["loss"]) for r in bf16)
+    assert bf16[0]["loss"] == pytest.approx(plain[0]["loss"], rel=0.05)
+    assert bf16[0]["lr"] < bf16[1]["lr"] or bf16[1]["lr"] < 3e-3  # warm-up then linear decay
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"preset": "huge"}, ConfigError, r"unknown model preset 'huge'; choose one of \[.*'tiny'"),
+        ({"freeze.language_layers": 5}, ConfigError, "only 4 layers"),
+        ({"freeze.language_layers": r"vision"}, ConfigError, "matches none of the 4 language layers"),
+        ({"batch_size": 64}, DataError, "fewer than batch_size=64"),
+    ],
+)
+def test_bad_configs_fail_before_anything_is_written(small_dataset, tmp_path, overrides, error, message):
+    out = tmp_path / "run"
+    with pytest.raises(error, match=message):
+        train(config_for(small_dataset, out, **overrides), log=quiet)
+    assert not out.exists()
+
+
+def test_missing_dataset_or_statistics_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="not a refinevla dataset"):
+        train(config_for(tmp_path / "nowhere", tmp_path / "run"), log=quiet)
+    make_dataset(tmp_path / "nostats", episodes=2, length=4, stats=False)
+    with pytest.raises(DataError, match=r"no stats\.json; compute it once with .*compute_dataset_stats"):
+        train(config_for(tmp_path / "nostats", tmp_path / "run"), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path):
+    make_dataset(tmp_path / "nostats", episodes=2, length=4, stats=False)
+    r = subprocess.run([sys.executable, "-m", "refinevla_core", "train", "--config", str(CONFIG_DIR / "train_tiny.yaml"),
+                        f"dataset={tmp_path / 'nostats'}", f"output_dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("refinevla train: ") and "compute_dataset_stats" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_a_changed_config_and_cleans_partial_saves(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    train(config_for(small_dataset, out, max_steps=2, save_every=1), log=quiet)
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000001", "step-00000002"]
+    with pytest.raises(ConfigError, match=r"lambda_rationale: 0.3 -> 0.5"):
+        train(config_for(small_dataset, out, max_steps=4, lambda_rationale=0.5), log=quiet)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(config_for(small_dataset, out, max_steps=4, resume="never"), log=quiet)
+    partial = out / "checkpoints" / ".tmp-step-00000003"
+    (partial / "trainer_state").mkdir(parents=True)  # what a save killed half-way leaves behind
+    result = train(config_for(small_dataset, out, max_steps=3, save_every=1), log=quiet)
+    assert result.resumed_from == out / "checkpoints" / "step-00000002"
+    assert not partial.exists()
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000003"]  # keep_checkpoints: 2
+
+
+# ---- resume after kill -9 ----------------------------------------------------------------------------------------------
+def _command(dataset: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "refinevla_core", "train", "--config", str(CONFIG_DIR / "train_tiny.yaml"),
+            f"dataset={dataset}", f"output_dir={out}", "max_steps=10", "batch_size=3", "grad_accumulation=2",
+            "lr=3e-3", "warmup_steps=2", "save_every=2", "eval_every=5", "log_every=1", "val_fraction=0.34",
+            "rationale_dropout=0.5", "torch_threads=1", "progress_bar=false"]
+
+
+def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    dataset = tmp_path / "ds"
+    make_dataset(dataset, episodes=3, length=5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the uninterrupted run, in this process: the same code path as the command (load_train_config + train)
+    from refinevla_core.config import parse_overrides
+
+    train(load_train_config(CONFIG_DIR / "train_tiny.yaml", parse_overrides(_command(dataset, tmp_path / "a")[6:])),
+          log=quiet)
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(_command(dataset, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step-00000004").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (out / "final").exists(), "the run must be killed before it ends for this test to mean anything"
+    killed_at = [p.name for p in list_checkpoints(out)]
+
+    resumed = subprocess.run(_command(dataset, out), capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / killed_at[-1]}" in resumed.stderr
+
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    mb = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in mb["train"]] == list(range(1, 11))
+    for ra, rb in zip(ma["train"], mb["train"], strict=True):
+        for key in ("loss", "loss_action", "loss_rationale", "lr"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (key, ra, rb)
+    assert [v["step"] for v in mb["val"]] == [5, 10]
+    for va, vb in zip(ma["val"], mb["val"], strict=True):
+        assert vb["action_l1"] == pytest.approx(va["action_l1"], rel=1e-6)
+        assert vb["action_token_accuracy"] == va["action_token_accuracy"]
