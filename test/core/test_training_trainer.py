@@ -188,7 +188,7 @@ def test_precision_accumulation_and_checkpointing_options_run(small_dataset, tmp
     assert bf16[0]["lr"] < bf16[1]["lr"] or bf16[1]["lr"] < 3e-3  # warm-up then linear decay
 
 
-# ---- errors ------------------------------------------------------------------------------------------------------------
+# ---- errors ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("overrides", "error", "message"),
     [
@@ -216,9 +216,9 @@ def test_missing_dataset_or_statistics_are_clear_errors(tmp_path):
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):
     make_dataset(tmp_path / "nostats", episodes=2, length=4, stats=False)
-    r = subprocess.run([sys.executable, "-m", "refinevla_core", "train", "--config", str(CONFIG_DIR / "train_tiny.yaml"),
-                        f"dataset={tmp_path / 'nostats'}", f"output_dir={tmp_path / 'run'}"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    command = [sys.executable, "-m", "refinevla_core", "train", "--config", str(CONFIG_DIR / "train_tiny.yaml"),
+               f"dataset={tmp_path / 'nostats'}", f"output_dir={tmp_path / 'run'}"]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("refinevla train: ") and "compute_dataset_stats" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
@@ -240,7 +240,7 @@ def test_resume_refuses_a_changed_config_and_cleans_partial_saves(small_dataset,
     assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000003"]  # keep_checkpoints: 2
 
 
-# ---- resume after kill -9 ----------------------------------------------------------------------------------------------
+# ---- resume after kill -9 --------------------------------------------------------------------------------------------
 def _command(dataset: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "refinevla_core", "train", "--config", str(CONFIG_DIR / "train_tiny.yaml"),
             f"dataset={dataset}", f"output_dir={out}", "max_steps=10", "batch_size=3", "grad_accumulation=2",
