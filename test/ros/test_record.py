@@ -53,6 +53,9 @@ def output(tmp_path: Path) -> str:
 def wait_for_recorder(ex, publishers, tmp_path) -> None:
     assert spin_until(ex, lambda: all(p.get_subscription_count() > 0 for p in publishers), timeout=60), \
         f"the recorder never subscribed; its output:\n{output(tmp_path)}"
+    # the latched instruction reaches a new subscription asynchronously; a step published before it arrives is
+    # (correctly) skipped as "before_first_instruction", so give it time
+    pause(ex, 1.0)
 
 
 def pause(ex, seconds: float) -> None:
@@ -160,7 +163,7 @@ def test_after_kill_9_the_flushed_recording_still_converts(tmp_path):
     assert not (bag / "metadata.yaml").exists(), "kill -9 leaves no metadata.yaml"
     ds = convert_bag(bag, tmp_path / "ds", "action_topic=/refinevla/action", "time_source=header")
     report = ds.meta["converted_from"]["reports"][0]
-    assert report["recovered"] and report["frames"] == 5
+    assert report["recovered"] and report["frames"] == 5, report
     episode = ds.load_episode(0)
     assert episode.instruction == "stack the green block on the blue block"
     np.testing.assert_array_equal(episode.images, np.stack([rgb for rgb, _ in published]))
