@@ -133,14 +133,23 @@ def _open_dataset(cfg: CollectConfig) -> EpisodeDataset:
     return EpisodeDataset.create(cfg.out, name=cfg.out.name, fps=20.0, collect=identity, source="refinevla collect")
 
 
-def collect(cfg: CollectConfig, progress: bool = True) -> CollectSummary:
-    """Fill `cfg.out` up to `cfg.episodes` episodes (resuming after the last complete one)."""
+def collect(cfg: CollectConfig, progress: bool = True, backends: dict[str, SimBackend] | None = None
+            ) -> CollectSummary:
+    """Fill `cfg.out` up to `cfg.episodes` episodes (resuming after the last complete one). `backends` (task -> open
+    backend configured like cfg.sim_config(task)) reuses simulators the caller owns; others are made and closed."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     ds = _open_dataset(cfg)
     summary = CollectSummary(out=cfg.out)
-    backends: dict[str, SimBackend] = {}
+    owned: dict[str, SimBackend] = {}
+    backends = dict(backends or {})
+    for task, backend in backends.items():
+        want, have = cfg.sim_config(task), backend.config
+        keys = ("task", "image_size", "max_steps", "control_mode", "instruction_mode", "reconfigure_each_episode")
+        if any(getattr(want, k) != getattr(have, k) for k in keys):
+            raise ValueError(f"the backend given for {task} is configured differently from the collection: "
+                             f"{ {k: getattr(have, k) for k in keys} } vs { {k: getattr(want, k) for k in keys} }")
     # the attempt index (-> seed) of the next episode: kept in meta so --only-success resumes at the right seed
     attempt = int(ds.meta.get("next_attempt", len(ds)))
     bar = tqdm(total=cfg.episodes, initial=min(len(ds), cfg.episodes), desc=f"collect {','.join(cfg.tasks)}",
@@ -150,7 +159,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> CollectSummary:
             task = cfg.tasks[attempt % len(cfg.tasks)]
             seed = cfg.seed + attempt
             if task not in backends:
-                backends[task] = make_backend(cfg.sim_config(task))
+                backends[task] = owned[task] = make_backend(cfg.sim_config(task))
             noisy = random.Random(f"noise:{seed}").random() < cfg.noise_fraction
             rng = np.random.default_rng(seed) if noisy else None
             episode = record_episode(backends[task], seed, cfg.noise_std_m if noisy else 0.0, rng)
@@ -170,7 +179,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> CollectSummary:
                                f"{summary.added} successes); check the task and --max-steps")
     finally:
         bar.close()
-        for b in backends.values():
+        for b in owned.values():
             b.close()
     summary.total = len(ds)
     summary.seconds = time.perf_counter() - t0
