@@ -350,8 +350,11 @@ def open_bag(path: str | Path, typestore: Any | None = None) -> Iterator[tuple[A
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="refinevla-bag-")))
             copy = tmp / target.name
             if target.suffix == ".db3":
-                _salvage_sqlite(target, copy)
                 recovered = path.is_dir()
+                if any(target.with_name(target.name + x).exists() for x in ("-journal", "-wal")):
+                    _salvage_sqlite(target, copy)  # a hot journal: roll the open transaction back in a copy
+                else:
+                    copy = target  # consistent as of its last commit
             else:
                 with target.open("rb") as fh:
                     fh.seek(max(0, target.stat().st_size - len(_MCAP_MAGIC)))
