@@ -73,6 +73,7 @@ INSTRUCTION_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
 COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 IMAGE_TOPIC = "/camera/image_raw"
+COMPRESSED_IMAGE_TOPIC = IMAGE_TOPIC + "/compressed"  # image_transport's naming
 INSTRUCTION_TOPIC = "/refinevla/instruction"
 EE_DELTA_TOPIC = "/refinevla/ee_delta"
 GRIPPER_TOPIC = "/refinevla/gripper"
@@ -233,7 +234,7 @@ class PolicyNode(LifecycleNode):
         if self._attention:
             self._pubs["attention"] = self.create_publisher(Image, ATTENTION_TOPIC, qos_profile_sensor_data)
         if cfg.image_transport == "compressed":
-            image_topic, image_type = IMAGE_TOPIC + "/compressed", CompressedImage
+            image_topic, image_type = COMPRESSED_IMAGE_TOPIC, CompressedImage
         else:
             image_topic, image_type = IMAGE_TOPIC, Image
         self._image_topic = self.resolve_topic_name(image_topic)

@@ -131,6 +131,7 @@ class WidowXNode(Node):
         self.gripper_open: bool | None = None  # unknown until the first command
         self.enabled = True
         self.last_command_time = -1e9
+        # moves: target updates (executed, or only logged in a dry run)
         self.counts = {"moves": 0, "ik_failures": 0, "refused": 0, "dropped_rate": 0}
         self._warned: dict[str, float] = {}
         self.create_subscription(EndEffectorDelta, EE_DELTA_TOPIC, self.on_delta, COMMAND_QOS)
@@ -205,6 +206,7 @@ class WidowXNode(Node):
         if self.bot is None:  # dry run without a robot connection
             self.get_logger().info(f"dry run: would move to {self._describe(new_target)} (IK not checked)")
             self.target = new_target
+            self.counts["moves"] += 1
             return
         seed = None
         if cfg.seed_ik_with_joint_commands and callable(getattr(self.bot.arm, "get_joint_commands", None)):
