@@ -37,16 +37,16 @@ RationaleMode = Literal["action_only", "every_step", "every_n"]
 
 @dataclass
 class PolicyConfig:
-    """Inference settings (the ROS policy node mirrors these as parameters)."""
+    """Inference settings (the ROS policy node mirrors these as parameters, so no field is None)."""
 
     rationale_mode: RationaleMode = "every_n"
     rationale_every_n: int = 10
     seed: int = 0  # seeds sampling (do_sample); greedy decoding is deterministic anyway
-    max_rationale_tokens: int | None = None  # None: the checkpoint's max_rationale_tokens
+    max_rationale_tokens: int = 0  # 0: the checkpoint's max_rationale_tokens
     do_sample: bool = False
     temperature: float = 1.0
-    dtype: str | None = None  # None: the checkpoint's dtype ("float32", "bfloat16", "float16")
-    torch_threads: int | None = None  # torch.set_num_threads at load (None: leave torch's default)
+    dtype: str = ""  # "": the checkpoint's dtype; or "float32", "bfloat16", "float16"
+    torch_threads: int = 0  # torch.set_num_threads at load (0: leave torch's default)
     verify: Literal["auto", "size", "sha256"] = "auto"  # checkpoint file verification at load
 
     def __post_init__(self) -> None:
@@ -56,8 +56,14 @@ class PolicyConfig:
             )
         if self.rationale_every_n < 1:
             raise ConfigError(f"rationale_every_n must be >= 1, got {self.rationale_every_n}")
-        if self.max_rationale_tokens is not None and self.max_rationale_tokens < 1:
-            raise ConfigError(f"max_rationale_tokens must be >= 1, got {self.max_rationale_tokens}")
+        if self.max_rationale_tokens < 0:
+            raise ConfigError(
+                f"max_rationale_tokens must be >= 1 (or 0: the checkpoint's), got {self.max_rationale_tokens}"
+            )
+        if self.dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype {self.dtype!r} is not one of '', 'float32', 'bfloat16', 'float16'")
+        if self.torch_threads < 0:
+            raise ConfigError(f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
@@ -97,7 +103,7 @@ class Policy:
         config = config or PolicyConfig()
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        model = load_checkpoint(path, device=device, dtype=config.dtype, verify=config.verify)
+        model = load_checkpoint(path, device=device, dtype=config.dtype or None, verify=config.verify)
         return cls(model, config)
 
     @property
@@ -144,7 +150,7 @@ class Policy:
         for i, d in enumerate(due):
             groups.setdefault(order if d else "action", []).append(i)
         outputs: dict[int, PolicyOutput] = {}
-        max_r = self.config.max_rationale_tokens
+        max_r = self.config.max_rationale_tokens or None
         for plan, rows in groups.items():
             fed = None
             if plan == "action" and order == "rationale_then_action" and self.config.rationale_mode != "action_only":

@@ -235,6 +235,7 @@ class RefineVLA(torch.nn.Module):
         vlm.eval()
         config = RefineVLAConfig.from_dict({**config.to_dict(), "tokens": None})
         config.tokens = lay
+        processor.config = config  # one config object: a change (e.g. max_rationale_tokens) reaches both
         return cls(vlm, processor, config)
 
     # ---- training ---------------------------------------------------------------------------------------------

@@ -232,11 +232,13 @@ class RefineVLAProcessor:
         if len(rationales) != n:
             raise ProcessorError(f"{n} images but {len(rationales)} rationales (use None for a frame without one)")
         bins = self._require_tokenizer().encode(actions)
-        rows = []
+        rows, has_rationale = [], []
         for i in range(n):
             prefix = self.prefix_ids(instructions[i])
-            ids, roles = self.suffix(Target(bins[i], self.rationale_ids(rationales[i])))
+            rationale = self.rationale_ids(rationales[i])
+            ids, roles = self.suffix(Target(bins[i], rationale))
             rows.append((prefix, ids, roles))
+            has_rationale.append(bool(rationale))
         length = max(len(p) + len(s) for p, s, _ in rows)
         input_ids = torch.full((n, length), self.layout.pad_id, dtype=torch.long)
         labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
@@ -256,7 +258,7 @@ class RefineVLAProcessor:
             "input_ids": input_ids, "attention_mask": attention, "token_type_ids": token_type,
             "pixel_values": self.pixel_values(images), "labels": labels,
             "action_mask": masks["action"], "rationale_mask": masks["rationale"], "format_mask": masks["format"],
-            "has_rationale": torch.tensor([bool(self.rationale_ids(r)) for r in rationales]),
+            "has_rationale": torch.tensor(has_rationale),
         }
 
     def generation_inputs(

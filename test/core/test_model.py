@@ -29,6 +29,7 @@ def test_tiny_preset_is_a_paligemma2_built_offline():
     tok = vla.processor.tokenizer
     assert tok.convert_ids_to_tokens([lay.action_token_start, lay.action_token_end - 1]) == ["<act_000>", "<act_255>"]
     assert vla.refinevla_config.tokens == lay
+    assert vla.processor.config is vla.refinevla_config  # one config: edits reach the processor too
     # the offline tokenizer falls back to bytes, so any text survives
     text = "place the spoon on the towel, 3 cm left — é ✓"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text

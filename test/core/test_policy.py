@@ -124,4 +124,6 @@ def test_bad_inputs_are_clear_errors(checkpoint):
         PolicyConfig(rationale_mode="sometimes")
     with pytest.raises(ConfigError, match="rationale_every_n"):
         PolicyConfig(rationale_every_n=0)
+    with pytest.raises(ConfigError, match="dtype 'fp8'"):
+        PolicyConfig(dtype="fp8")
     assert policy.step == 0  # failed calls do not advance the episode
