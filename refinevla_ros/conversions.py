@@ -14,78 +14,23 @@ from std_msgs.msg import Header
 
 from refinevla.msg import EndEffectorDelta
 from refinevla.msg import Rationale as RationaleMsg
+from refinevla_core.data.images import (  # noqa: F401  (re-exported: nodes import them from here)
+    SUPPORTED_ENCODINGS,
+    ImageConversionError,
+    raw_to_rgb,
+)
+from refinevla_core.data.images import compressed_to_rgb as compressed_bytes_to_rgb
 from refinevla_core.rationale import Rationale
-
-# encoding -> (channels, order of R,G,B within the pixel, or None for grey)
-_ENCODINGS: dict[str, tuple[int, tuple[int, int, int] | None]] = {
-    "rgb8": (3, (0, 1, 2)),
-    "bgr8": (3, (2, 1, 0)),
-    "rgba8": (4, (0, 1, 2)),
-    "bgra8": (4, (2, 1, 0)),
-    "mono8": (1, None),
-    "8UC3": (3, (0, 1, 2)),  # OpenCV type name; assumed RGB as cv_bridge passes it through
-    "8UC1": (1, None),
-}
-SUPPORTED_ENCODINGS = tuple(_ENCODINGS)
-MAX_IMAGE_PIXELS = 4096 * 4096
-
-
-class ImageConversionError(ValueError):
-    """The image message cannot be turned into an RGB array; the message names the fix."""
 
 
 def image_to_rgb(msg: Image) -> np.ndarray:
     """sensor_msgs/Image -> HxWx3 uint8 RGB (a copy: the message buffer may be reused by rclpy)."""
-    enc = msg.encoding
-    if enc not in _ENCODINGS:
-        raise ImageConversionError(
-            f"camera image encoding {enc!r} is not supported; publish one of {', '.join(SUPPORTED_ENCODINGS)} "
-            "(or a sensor_msgs/CompressedImage with the policy node's image_transport:=compressed)"
-        )
-    h, w = int(msg.height), int(msg.width)
-    if h <= 0 or w <= 0:
-        raise ImageConversionError(f"camera image is {w}x{h}: width and height must be positive")
-    if h * w > MAX_IMAGE_PIXELS:
-        raise ImageConversionError(f"camera image is {w}x{h}, larger than the {MAX_IMAGE_PIXELS} pixel limit")
-    channels, order = _ENCODINGS[enc]
-    row_bytes = w * channels
-    step = int(msg.step)
-    if step < row_bytes:
-        raise ImageConversionError(
-            f"camera image step {step} is smaller than width*channels = {row_bytes} for {enc} {w}x{h}; "
-            "the driver sets a wrong step"
-        )
-    data = msg.data
-    buf = np.frombuffer(bytes(data) if not isinstance(data, (bytes, bytearray, memoryview)) else data, np.uint8)
-    if buf.size < step * h:
-        raise ImageConversionError(
-            f"camera image data has {buf.size} bytes, expected step*height = {step}*{h} = {step * h}; "
-            "the message is truncated"
-        )
-    rows = buf[: step * h].reshape(h, step)[:, :row_bytes].reshape(h, w, channels)
-    if order is None:
-        return np.repeat(rows, 3, axis=2)
-    return np.ascontiguousarray(rows[:, :, list(order)])
+    return raw_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)
 
 
 def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     """sensor_msgs/CompressedImage (jpeg/png) -> HxWx3 uint8 RGB."""
-    from PIL import Image as PILImage
-
-    data = bytes(msg.data)
-    if not data:
-        raise ImageConversionError("compressed camera image is empty")
-    try:
-        with PILImage.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ImageConversionError(f"compressed image is {im.width}x{im.height}, over the pixel limit")
-            return np.asarray(im.convert("RGB")).copy()
-    except ImageConversionError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise ImageConversionError(
-            f"compressed camera image (format {msg.format!r}) could not be decoded: {e}; publish jpeg or png"
-        ) from e
+    return compressed_bytes_to_rgb(msg.data, msg.format)
 
 
 def rgb_to_image(rgb: np.ndarray, header: Header | None = None, encoding: str = "rgb8") -> Image:

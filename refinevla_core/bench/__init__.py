@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "train": ("refinevla_core.bench.train", 6),
     "ros": ("refinevla_ros.bench", 7),
     "sim": ("refinevla_core.bench.sim", 8),
+    "record": ("refinevla_ros.bench_record", 9),
 }
 
 

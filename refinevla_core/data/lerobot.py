@@ -45,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 
 from refinevla_core.data.episode import ACTION_DIM, DataError, Episode
-from refinevla_core.data.rosbag import resize_rgb
+from refinevla_core.data.images import resize_rgb
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 BRIDGE_ACTION_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import io
 import os
 import shutil
 import sqlite3
@@ -42,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from refinevla_core.data.episode import DataError, Episode
+from refinevla_core.data.images import compressed_to_rgb, raw_to_rgb, resize_rgb
 
 # ---- message types ---------------------------------------------------------------------------------------------
 
@@ -98,48 +98,12 @@ def stamp_ns(header: Any) -> int:
 # ---- images ----------------------------------------------------------------------------------------------------
 
 # encoding -> (channels, order of R,G,B within the pixel or None for grey); the same set the ROS nodes accept
-_ENCODINGS: dict[str, tuple[int, tuple[int, int, int] | None]] = {
-    "rgb8": (3, (0, 1, 2)), "bgr8": (3, (2, 1, 0)), "rgba8": (4, (0, 1, 2)), "bgra8": (4, (2, 1, 0)),
-    "mono8": (1, None), "8UC3": (3, (0, 1, 2)), "8UC1": (1, None),
-}
-
-
 def image_msg_to_rgb(msg: Any, msgtype: str) -> np.ndarray:
-    """A deserialized sensor_msgs Image / CompressedImage -> HxWx3 uint8 RGB; ValueError says what is wrong."""
+    """A deserialized sensor_msgs Image / CompressedImage -> HxWx3 uint8 RGB; ImageConversionError (a ValueError)
+    says what is wrong."""
     if msgtype.endswith("CompressedImage"):
-        from PIL import Image as PILImage
-
-        data = bytes(np.asarray(msg.data, dtype=np.uint8))
-        if not data:
-            raise ValueError("compressed image is empty")
-        try:
-            with PILImage.open(io.BytesIO(data)) as im:
-                return np.asarray(im.convert("RGB")).copy()
-        except Exception as e:  # PIL raises many types for corrupt data
-            raise ValueError(f"compressed image (format {msg.format!r}) could not be decoded: {e}") from e
-    enc = msg.encoding
-    if enc not in _ENCODINGS:
-        raise ValueError(f"image encoding {enc!r} is not supported; record one of {', '.join(_ENCODINGS)}")
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    channels, order = _ENCODINGS[enc]
-    if h <= 0 or w <= 0 or step < w * channels:
-        raise ValueError(f"image {w}x{h} {enc} has step {step}; expected a positive size and step >= {w * channels}")
-    buf = np.asarray(msg.data, dtype=np.uint8).reshape(-1)
-    if buf.size < step * h:
-        raise ValueError(f"image data has {buf.size} bytes, expected step*height = {step * h}: truncated")
-    px = buf[: step * h].reshape(h, step)[:, : w * channels].reshape(h, w, channels)
-    if order is None:
-        return np.repeat(px, 3, axis=2)
-    return np.ascontiguousarray(px[:, :, list(order)])
-
-
-def resize_rgb(rgb: np.ndarray, size: Sequence[int] | None) -> np.ndarray:
-    """Resize to (height, width) with bilinear filtering; None or the same size returns the array unchanged."""
-    if not size or tuple(rgb.shape[:2]) == tuple(size):
-        return rgb
-    from PIL import Image as PILImage
-
-    return np.asarray(PILImage.fromarray(rgb).resize((int(size[1]), int(size[0])), PILImage.BILINEAR))
+        return compressed_to_rgb(msg.data, msg.format)
+    return raw_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)
 
 
 # ---- configuration ---------------------------------------------------------------------------------------------
