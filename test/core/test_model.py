@@ -200,3 +200,35 @@ def test_real_size_preset_matches_paligemma2_3b():
     assert hf_config.text_config.num_hidden_layers == 26 and hf_config.vision_config.num_hidden_layers == 27
     assert load_preset("paligemma2-3b-224").base.pretrained == "google/paligemma2-3b-pt-224"
     assert isinstance(tiny_vla(), RefineVLA)
+
+
+@pytest.mark.slow
+def test_mid_preset_builds_trains_and_round_trips(tmp_path):
+    """The ~40M-parameter CPU preset: 224 px (16x16 patches), a few joint-loss steps lower the loss, and the
+    checkpoint round trip keeps its predictions (a minute of CPU: slow)."""
+    from refinevla_core.model.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)
+    vla = build_from_preset("mid")
+    assert 35e6 < vla.num_parameters() < 50e6 and vla.processor.layout.num_image_tokens == 256
+    vla.processor.set_action_stats(tiny_vla().stats)
+    image = example_image(0, (224, 224))
+    batch = vla.processor.training_batch([image] * 2, [INSTRUCTION] * 2, np.stack([TARGET_ACTION] * 2),
+                                         [RATIONALE, None])
+    optimizer = torch.optim.AdamW(vla.parameters(), lr=1e-3)
+    vla.train()
+    first = None
+    for _ in range(5):
+        losses = token_losses(vla(**batch).logits, batch)
+        loss = losses["action"] + 0.3 * losses["rationale"]
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vla.eval()
+    assert loss.item() < first
+    vla.save_pretrained(tmp_path / "mid")
+    back = load_checkpoint(tmp_path / "mid")
+    a, b = (m.generate([image], [INSTRUCTION], plan="rationale_then_action", max_rationale_tokens=8)[0]
+            for m in (vla, back))
+    assert a.action_bins.tolist() == b.action_bins.tolist() and a.rationale_ids == b.rationale_ids
