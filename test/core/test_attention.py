@@ -67,7 +67,8 @@ def test_overlay_puts_the_hot_colour_where_the_attention_is(tmp_path):
                         layers=[3], action=np.zeros(7, np.float32))
     image = np.full((90, 120, 3), 128, np.uint8)
     path = amap.save_png(tmp_path / "x.png", image, alpha=0.6)
-    png = np.asarray(Image.open(path))
+    with Image.open(path) as img:
+        png = np.asarray(img)
     assert png.shape == (90, 120, 3)
     top_left, bottom_right = png[2, 2].astype(int), png[-3, -3].astype(int)
     assert top_left[0] > top_left[2] and bottom_right[2] > bottom_right[0]  # jet: red = hot, blue = cold
@@ -83,7 +84,8 @@ def test_refinevla_attention_command(tmp_path, capsys):
                INSTRUCTION, "--out", str(tmp_path / "out" / "att.png"), "--layers", "all",
                "--grid-out", str(tmp_path / "grid.npy")])
     assert rc == 0
-    assert Image.open(tmp_path / "out" / "att.png").size == (128, 96)
+    with Image.open(tmp_path / "out" / "att.png") as png:
+        assert png.size == (128, 96)
     assert np.load(tmp_path / "grid.npy").shape == (8, 8)
     assert '"grid": [\n  8,\n  8\n ]' in capsys.readouterr().out
     (tmp_path / "bad.png").write_text("not an image")
