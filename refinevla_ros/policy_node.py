@@ -54,6 +54,7 @@ from std_srvs.srv import SetBool, Trigger
 from refinevla.msg import Action, EndEffectorDelta
 from refinevla.msg import Rationale as RationaleMsg
 from refinevla_core.config import ConfigError
+from refinevla_core.inference.policy import Policy, PolicyConfig
 from refinevla_core.rationale import Rationale
 from refinevla_core.safety import ActionGuard, GuardedStep, SafetyConfig, StaleImageWatchdog
 from refinevla_ros.conversions import (
@@ -87,14 +88,12 @@ WARN_PERIOD_S = 5.0
 
 @dataclass
 class PolicyNodeConfig:
-    """Parameters of policy_node (config/policy.yaml); `safety.*` mirrors refinevla_core.safety.SafetyConfig."""
+    """Parameters of policy_node (config/policy.yaml). `policy.*` mirrors refinevla_core.inference.policy.PolicyConfig
+    and `safety.*` refinevla_core.safety.SafetyConfig."""
 
     checkpoint: str = ""  # a checkpoint folder for Policy.from_checkpoint
     policy_factory: str = ""  # or "package.module:callable" returning an object with predict/reset
     device: str = "cpu"
-    rationale_mode: Literal["action_only", "every_step", "every_n"] = "every_n"
-    rationale_every_n: int = 10
-    seed: int = 0
     control_rate_hz: float = 5.0  # 0: one step per new image (lock-step with a simulator or a benchmark)
     image_transport: Literal["raw", "compressed"] = "raw"  # compressed: <image topic>/compressed (jpeg/png)
     image_timeout_s: float = 1.0  # stale-image watchdog
@@ -104,6 +103,7 @@ class PolicyNodeConfig:
     start_enabled: bool = True  # off: motion stays zero until ~/enable is called with true
     publish_attention: bool = False
     diagnostics_period_s: float = 1.0
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # rationale mode, threads, dtype... (checkpoint only)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
 
     def __post_init__(self) -> None:
@@ -113,8 +113,6 @@ class PolicyNodeConfig:
             raise ValueError(f"image_timeout_s must be positive; got {self.image_timeout_s}")
         if self.max_instruction_chars < 1:
             raise ValueError(f"max_instruction_chars must be >= 1; got {self.max_instruction_chars}")
-        if self.rationale_every_n < 1:
-            raise ValueError(f"rationale_every_n must be >= 1; got {self.rationale_every_n}")
         if self.diagnostics_period_s <= 0:
             raise ValueError(f"diagnostics_period_s must be positive; got {self.diagnostics_period_s}")
 
@@ -141,14 +139,7 @@ def load_policy(cfg: PolicyNodeConfig) -> Any:
         if not path.exists():
             raise PolicyLoadError(f"checkpoint {path} does not exist; pass checkpoint:=<folder written by "
                                   "`refinevla train`>")
-        try:
-            from refinevla_core.inference.policy import Policy, PolicyConfig
-        except ImportError as e:
-            raise PolicyLoadError(f"refinevla_core.inference.policy is not importable ({e}); "
-                                  "use policy_factory or install the model code") from e
-        policy_config = PolicyConfig(rationale_mode=cfg.rationale_mode, rationale_every_n=cfg.rationale_every_n,
-                                     seed=cfg.seed)
-        policy = Policy.from_checkpoint(path, device=cfg.device, config=policy_config)
+        policy = Policy.from_checkpoint(path, device=cfg.device, config=cfg.policy)
     else:
         raise PolicyLoadError("no policy: set the parameter checkpoint:=<checkpoint folder> (or policy_factory:="
                               "package.module:callable for your own policy object)")

@@ -393,3 +393,41 @@ def test_bad_parameters_exit_with_the_parameter_named(args, words):
                        timeout=120, cwd=Path(__file__).resolve().parents[2], env=os.environ.copy())
     assert r.returncode == 2, r.stdout + r.stderr
     assert words in r.stderr
+
+
+def test_a_real_trained_checkpoint_drives_the_node_end_to_end(tmp_path):
+    """The real Policy.from_checkpoint path: a tiny ReFineVLA taught one (image, instruction) -> (rationale, action)
+    pair; the node must publish exactly what the same checkpoint predicts in-process, and its rationale."""
+    from refinevla_core.inference.policy import Policy, PolicyConfig
+    from refinevla_core.model.checkpoint import save_checkpoint
+    from test.core.model_util import INSTRUCTION, RATIONALE, TARGET_ACTION, example_image, overfit_tiny
+
+    vla = overfit_tiny("rationale_then_action")
+    checkpoint = save_checkpoint(tmp_path / "tiny", vla, vla.processor, vla.stats, vla.refinevla_config)
+    rgb = example_image()
+    config = PolicyConfig(rationale_mode="every_n", rationale_every_n=3, torch_threads=1)
+    expected = Policy.from_checkpoint(checkpoint, config=config).predict(rgb, INSTRUCTION)
+    half_bin = vla.processor.action_tokenizer.bin_width / 2 + 1e-6
+    assert (np.abs(expected.action - TARGET_ACTION) <= half_bin).all()
+
+    with peer_node("checkpoint_peer") as (node, ex):
+        out = Outputs(node)
+        node.create_publisher(String, "/refinevla/instruction", INSTRUCTION_QOS).publish(String(data=INSTRUCTION))
+        camera = node.create_publisher(Image, "/camera/image_raw", 10)
+        args = ["-p", f"checkpoint:={checkpoint}", "-p", "policy.rationale_mode:=every_n",
+                "-p", "policy.rationale_every_n:=3", "-p", "policy.torch_threads:=1", "-p", "control_rate_hz:=5.0",
+                "-p", "image_timeout_s:=30.0"]
+        with node_process(MODULE, args) as proc:
+            assert spin_until(ex, lambda: len(out.moving()) >= 4 and len(out.structured) >= 2, 120,
+                              every=lambda: camera.publish(rgb_to_image(rgb)), period=0.1), proc.output()
+            assert proc.alive()
+    moving = out.moving()
+    for action in moving:
+        np.testing.assert_array_equal(msg_to_delta(action.delta), expected.action[:6].astype(np.float64))
+        assert action.gripper == float(expected.action[6])
+        assert action.guard_reason == ""
+    assert out.rationales[0] == RATIONALE.text()
+    assert out.structured[0].observation == RATIONALE.observation and out.structured[0].fresh
+    # every_n = 3: steps 0..2 share the first rationale, step 3 brings a fresh one
+    assert [a.rationale_id for a in moving[:4]] == [1, 1, 1, 2]
+    assert len(out.structured) >= 2
