@@ -188,6 +188,7 @@ class RefineVLA(torch.nn.Module):
         self.vlm = vlm
         self.processor = processor
         self.refinevla_config = config
+        processor.config = config  # one config object: target order / rationale length changes reach the processor
         if stats is not None:
             processor.set_action_stats(stats)
         check_model_fits_processor(vlm, processor, config)
@@ -235,7 +236,6 @@ class RefineVLA(torch.nn.Module):
         vlm.eval()
         config = RefineVLAConfig.from_dict({**config.to_dict(), "tokens": None})
         config.tokens = lay
-        processor.config = config  # one config object: a change (e.g. max_rationale_tokens) reaches both
         return cls(vlm, processor, config)
 
     # ---- training ---------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ the reference joint loss, and grammar-constrained generation."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,9 @@ def test_tiny_preset_is_a_paligemma2_built_offline():
     assert tok.convert_ids_to_tokens([lay.action_token_start, lay.action_token_end - 1]) == ["<act_000>", "<act_255>"]
     assert vla.refinevla_config.tokens == lay
     assert vla.processor.config is vla.refinevla_config  # one config: edits reach the processor too
+    other = RefineVLAConfig.from_dict({**vla.refinevla_config.to_dict(), "target_order": "action_then_rationale"})
+    rewrapped = RefineVLA(vla.vlm, copy.copy(vla.processor), other)
+    assert rewrapped.processor.config.target_order == "action_then_rationale"
     # the offline tokenizer falls back to bytes, so any text survives
     text = "place the spoon on the towel, 3 cm left — é ✓"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
