@@ -70,7 +70,7 @@ INSTRUCTION_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
 STATUS_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 STATE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-WATCH_PERIOD_S = 0.01
+WATCH_PERIOD_S = 0.05  # lockstep bookkeeping (grace, timeout, re-send); steps themselves happen in callbacks
 REPUBLISH_S = 0.5
 
 
@@ -113,6 +113,7 @@ class SimBridgeNode(Node):
 
         # episode bookkeeping
         self.backend: SimBackend | None = None
+        self._intrinsics: np.ndarray | None = None
         self.task_index = 0
         self.next_seed = cfg.first_seed
         self.episode_index = -1
@@ -126,7 +127,8 @@ class SimBridgeNode(Node):
         self.gripper_at = 0.0  # when it arrived (monotonic)
         self.pending: tuple[np.ndarray, float, float | None] | None = None  # (delta, arrived at, gripper or None)
         self.counters = {"steps": 0, "hold_steps": 0, "late_actions": 0, "bad_actions": 0, "ignored_done": 0}
-        self.step_ms: list[float] = []
+        self.step_ms: list[float] = []  # the simulator step alone
+        self.publish_ms: list[float] = []  # the step plus building and publishing the observation
 
         self.reset_episode(cfg.task_cycle[0], cfg.first_seed)
         if cfg.step_mode == "lockstep":
@@ -144,6 +146,7 @@ class SimBridgeNode(Node):
                 self.backend.close()
                 self.backend = None
             self.backend = self._backend_factory(dataclasses.replace(self.config.sim, task=task))
+            self._intrinsics = None
         obs = self.backend.reset(seed)
         self.next_seed = seed + 1
         self.episode_index += 1
@@ -195,7 +198,9 @@ class SimBridgeNode(Node):
             self.state_pub.publish(String(data=json.dumps(payload)))
         if image is not None:
             self.image_msg = rgb_to_image(image, header)
-            self.info_msg = camera_info_msg(be.camera_intrinsics(), image.shape[1], image.shape[0], header)
+            if self._intrinsics is None:
+                self._intrinsics = be.camera_intrinsics()  # fixed for a task and image size
+            self.info_msg = camera_info_msg(self._intrinsics, image.shape[1], image.shape[0], header)
             self.send_image()
         status = EpisodeStatus(header=header, task=be.task, instruction=be.instruction, seed=int(be.episode.seed),
                                episode=self.episode_index, step=be.episode.steps, max_steps=be.max_steps,
@@ -316,6 +321,7 @@ class SimBridgeNode(Node):
         self.counters["steps"] += 1
         self.counters["hold_steps"] += int(hold)
         self.publish_observation(result.obs.image, result.reward, result.success)
+        self.publish_ms.append((time.perf_counter() - t0) * 1000.0)
         if result.done:
             be = self.backend
             self.get_logger().info(f"episode {self.episode_index} done after {be.episode.steps} steps: "
@@ -325,6 +331,11 @@ class SimBridgeNode(Node):
         return result
 
     def destroy_node(self) -> None:
+        if self.step_ms:
+            ms = sorted(self.step_ms)
+            self.get_logger().info(f"{self.counters['steps']} steps (median simulator step {ms[len(ms) // 2]:.1f} ms, "
+                                   f"publish included {sorted(self.publish_ms)[len(self.publish_ms) // 2]:.1f} ms), "
+                                   + ", ".join(f"{k} {v}" for k, v in self.counters.items() if k != "steps"))
         if self.backend is not None:
             self.backend.close()
             self.backend = None
