@@ -27,9 +27,11 @@ examples:
   refinevla train --config config/train_mid.yaml dataset=data/pushcube lambda_rationale=0 \\
       lora.enabled=true precision=bf16 grad_accumulation=4
 
-  # several GPUs (DDP) from the same entry point
+  # several GPUs (DDP) from the same entry point; FSDP: the same with an accelerate config file (--config_file)
   accelerate launch --multi_gpu --num_processes 4 -m refinevla_core train --config config/train_paligemma2_3b.yaml \\
       dataset=/data/bridge base_checkpoint=/models/paligemma2-3b-pt-224
+  # several CPU processes (DDP over gloo; accelerate launch needs MPI for that, torchrun does not)
+  torchrun --nproc_per_node 2 -m refinevla_core train --config config/train_tiny.yaml dataset=data/pushcube
 
 A run killed at any point resumes from its newest checkpoint when started again with the same command
 (resume=auto); the final model is <output_dir>/final, loadable with Policy.from_checkpoint.
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, CheckpointError, ModelError, ProcessorError) as e:
         print(f"refinevla train: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if not result.main_process:
+        return 0
     final_val = result.metrics["val"][-1] if result.metrics["val"] else {}
     last = result.metrics["train"][-1] if result.metrics["train"] else {}
     summary = {

@@ -92,6 +92,7 @@ class TrainResult:
     final_checkpoint: Path
     metrics: dict[str, Any]
     resumed_from: Path | None = None
+    main_process: bool = True  # False on the other ranks of a multi-process (accelerate launch) run
 
 
 # ---- the model side (refinevla_core.model) ---------------------------------------------------------------------------
@@ -229,8 +230,10 @@ class Trainer:
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             # a second run in the same process (tests, the benchmark) may change precision / device
             AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(mixed_precision="bf16" if self.config.precision == "bf16" else "no",
-                           cpu=self.config.device == "cpu")
+        # cpu=True also on a machine without CUDA: that is what makes accelerate run several CPU processes (torchrun)
+        # as one DDP job over gloo instead of as independent single-process runs
+        cpu = self.config.device == "cpu" or not torch.cuda.is_available()
+        return Accelerator(mixed_precision="bf16" if self.config.precision == "bf16" else "no", cpu=cpu)
 
     def _open_data(self) -> tuple[EpisodeDataset, Any]:
         from refinevla_core.data.stats import load_dataset_stats
@@ -554,7 +557,7 @@ class Trainer:
         metrics = self.write_metrics(final=True)
         acc.wait_for_everyone()
         self.log(f"done: {self.progress.step} steps in {self.progress.train_seconds:.1f} s; model in {final_dir}")
-        return TrainResult(self.output_dir, final_dir, metrics, self.resume_from)
+        return TrainResult(self.output_dir, final_dir, metrics, self.resume_from, acc.is_main_process)
 
 
 def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:

@@ -292,3 +292,32 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path):
     for va, vb in zip(ma["val"], mb["val"], strict=True):
         assert vb["action_l1"] == pytest.approx(va["action_l1"], rel=1e-6)
         assert vb["action_token_accuracy"] == va["action_token_accuracy"]
+
+
+# ---- several processes ----------------------------------------------------------------------------------------------
+def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(small_dataset, tmp_path):
+    """Two processes as one DDP job (torchrun + accelerate over gloo on loopback; `accelerate launch --multi_gpu`
+    starts GPU jobs through the same torch launcher) from the same entry point: 2 processes x batch 2 see the same
+    frames per step as 1 process x batch 4 and, with λ_r = 0 (every sample has exactly 7 action tokens, so the mean
+    of the per-process means is the global mean), must end at the same weights."""
+    from safetensors.torch import load_file
+
+    settings = {"max_steps": 3, "lambda_rationale": 0.0, "rationale_dropout": 0.0}
+    train(config_for(small_dataset, tmp_path / "one", batch_size=4, **settings), log=quiet)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", "refinevla_core", "train",
+               "--config", str(CONFIG_DIR / "train_tiny.yaml"),
+               f"dataset={small_dataset}", f"output_dir={tmp_path / 'two'}", "batch_size=2", "lr=3e-3",
+               "warmup_steps=0", "log_every=1", "val_fraction=0", "torch_threads=1", "progress_bar=false",
+               *(f"{k}={v}" for k, v in settings.items())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stderr and r.stdout.count('"final_checkpoint"') == 1, "rank 0 reports, once"
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-5, msg=name)
+    h1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["train"]
+    h2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["train"]
+    assert [r["loss_action"] for r in h2] == pytest.approx([r["loss_action"] for r in h1], rel=1e-4)
