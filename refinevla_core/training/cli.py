@@ -27,7 +27,7 @@ examples:
   refinevla train --config config/train_mid.yaml dataset=data/pushcube lambda_rationale=0 \\
       lora.enabled=true precision=bf16 grad_accumulation=4
 
-  # several GPUs (DDP) from the same entry point; FSDP: the same with an accelerate config file (--config_file)
+  # several GPUs (DDP) from the same entry point (FSDP/DeepSpeed are refused: see trainer._check_distributed_type)
   accelerate launch --multi_gpu --num_processes 4 -m refinevla_core train --config config/train_paligemma2_3b.yaml \\
       dataset=/data/bridge base_checkpoint=/models/paligemma2-3b-pt-224
   # several CPU processes (DDP over gloo; accelerate launch needs MPI for that, torchrun does not)

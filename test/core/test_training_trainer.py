@@ -321,3 +321,17 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(smal
     h1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["train"]
     h2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["train"]
     assert [r["loss_action"] for r in h2] == pytest.approx([r["loss_action"] for r in h1], rel=1e-4)
+
+
+def test_sharded_training_is_refused_with_the_alternative_named():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from refinevla_core.training.trainer import _check_distributed_type
+
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        _check_distributed_type(SimpleNamespace(distributed_type=kind))
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ConfigError, match=r"not supported .*accelerate launch --multi_gpu"):
+            _check_distributed_type(SimpleNamespace(distributed_type=kind))
