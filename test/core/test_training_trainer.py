@@ -335,3 +335,30 @@ def test_sharded_training_is_refused_with_the_alternative_named():
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(ConfigError, match=r"not supported .*accelerate launch --multi_gpu"):
             _check_distributed_type(SimpleNamespace(distributed_type=kind))
+
+
+def test_stage_two_continues_from_a_previous_run_with_another_target_order(small_dataset, tmp_path):
+    """The paper's recipe on our models: a base VLA trained before (stage 1, here 2 steps of full training), then
+    selective transfer with the joint loss from its checkpoint; a third stage starts from the untied head stage 2
+    wrote."""
+    from refinevla_core.model.checkpoint import load_checkpoint
+
+    stage1 = train(config_for(small_dataset, tmp_path / "s1", max_steps=2, lambda_rationale=0.0), log=quiet)
+    base = load_checkpoint(stage1.final_checkpoint).vlm
+    stage2 = train(config_for(small_dataset, tmp_path / "s2", max_steps=2, base_checkpoint=str(stage1.final_checkpoint),
+                              target_order="action_then_rationale", **SELECTIVE), log=quiet)
+    tuned = load_checkpoint(stage2.final_checkpoint)
+    assert tuned.refinevla_config.target_order == "action_then_rationale"
+    assert not tuned.vlm.config.tie_word_embeddings, "new-token rows trained in the head: saved untied"
+    before, after = dict(base.named_parameters()), dict(tuned.vlm.named_parameters())
+    for frozen in ("model.vision_tower.post_layernorm.weight", "model.language_model.layers.0.mlp.up_proj.weight"):
+        assert torch.equal(after[frozen], before[frozen]), frozen
+    trained = "model.language_model.layers.3.mlp.up_proj.weight"
+    assert not torch.equal(after[trained], before[trained])
+    stage3 = train(config_for(small_dataset, tmp_path / "s3", max_steps=1, base_checkpoint=str(stage2.final_checkpoint),
+                              **SELECTIVE), log=quiet)
+    again = load_checkpoint(stage3.final_checkpoint).vlm
+    ids = new_token_ids(tuned)
+    others = torch.ones(again.lm_head.weight.shape[0], dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(again.lm_head.weight[others], tuned.vlm.lm_head.weight[others]), "the untied head stays frozen"
