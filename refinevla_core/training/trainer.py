@@ -286,7 +286,12 @@ class Trainer:
         self.report: FreezeReport = report
         if cfg.gradient_checkpointing:
             base = model.vlm.get_base_model() if hasattr(model.vlm, "get_base_model") else model.vlm
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # non-reentrant: frozen lower layers give inputs without requires_grad, which reentrant checkpoints drop
+            kwargs = {"use_reentrant": False}
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.log(f"refinevla train: {cfg.preset} preset, target order {model.refinevla_config.target_order}, "
                  f"λ_r = {cfg.lambda_rationale}, rationale dropout {cfg.rationale_dropout:.0%}, "
                  f"{'LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else 'no LoRA'}, {cfg.precision}, "

@@ -177,8 +177,10 @@ def test_lora_trains_and_saves_a_loadable_merged_checkpoint(small_dataset, tmp_p
 
 def test_precision_accumulation_and_checkpointing_options_run(small_dataset, tmp_path):
     plain = train(config_for(small_dataset, tmp_path / "a", max_steps=2, **SELECTIVE), log=quiet).metrics["train"]
-    checkpointed = train(config_for(small_dataset, tmp_path / "b", max_steps=2, gradient_checkpointing=True,
-                                    **SELECTIVE), log=quiet).metrics["train"]
+    trainer = Trainer(config_for(small_dataset, tmp_path / "b", max_steps=2, gradient_checkpointing=True, **SELECTIVE),
+                      log=quiet)
+    checkpointed = trainer.run().metrics["train"]
+    assert trainer.refinevla.vlm.is_activation_checkpointing
     for a, b in zip(plain, checkpointed, strict=True):  # recomputation changes memory, not results
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     bf16 = train(config_for(small_dataset, tmp_path / "c", max_steps=2, precision="bf16", grad_accumulation=2,
