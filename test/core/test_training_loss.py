@@ -82,7 +82,7 @@ def test_lambda_zero_is_action_only_and_still_reports_the_rationale_term():
     grad_rows = logits.grad.abs().sum(-1)
     # only the logits predicting action positions (5, 6) get a gradient
     assert grad_rows[:, 5:7].gt(0).all() and grad_rows[:, :5].eq(0).all() and grad_rows[:, 7:].eq(0).all()
-    assert "loss_rationale" in out.log_dict() and out.log_dict()["loss"] == pytest.approx(float(out.action))
+    assert "loss_rationale" in out.log_dict() and out.log_dict()["loss"] == pytest.approx(float(out.action.detach()))
 
 
 def test_a_batch_without_rationales_has_a_zero_rationale_term():

@@ -175,7 +175,7 @@ def test_lora_trains_and_saves_a_loadable_merged_checkpoint(small_dataset, tmp_p
     assert (adapter / "adapter_config.json").is_file() and (adapter / "new_token_rows.safetensors").is_file()
 
 
-def test_precision_accumulation_and_checkpointing_options_run(small_dataset, tmp_path):
+def test_precision_accumulation_checkpointing_and_loader_options(small_dataset, tmp_path):
     plain = train(config_for(small_dataset, tmp_path / "a", max_steps=2, **SELECTIVE), log=quiet).metrics["train"]
     trainer = Trainer(config_for(small_dataset, tmp_path / "b", max_steps=2, gradient_checkpointing=True, **SELECTIVE),
                       log=quiet)
@@ -183,6 +183,9 @@ def test_precision_accumulation_and_checkpointing_options_run(small_dataset, tmp
     assert trainer.refinevla.vlm.is_activation_checkpointing
     for a, b in zip(plain, checkpointed, strict=True):  # recomputation changes memory, not results
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    workers = train(config_for(small_dataset, tmp_path / "w", max_steps=2, num_workers=2, **SELECTIVE),
+                    log=quiet).metrics["train"]
+    assert [r["loss"] for r in workers] == [r["loss"] for r in plain], "loader processes change speed, not data"
     bf16 = train(config_for(small_dataset, tmp_path / "c", max_steps=2, precision="bf16", grad_accumulation=2,
                             schedule="linear", warmup_steps=1), log=quiet).metrics["train"]
     assert len(bf16) == 2 and all(np.isfinite(r["loss"]) for r in bf16)
