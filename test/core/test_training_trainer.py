@@ -367,3 +367,9 @@ def test_stage_two_continues_from_a_previous_run_with_another_target_order(small
     others = torch.ones(again.lm_head.weight.shape[0], dtype=torch.bool)
     others[ids] = False
     assert torch.equal(again.lm_head.weight[others], tuned.vlm.lm_head.weight[others]), "the untied head stays frozen"
+
+
+def test_epochs_set_the_number_of_steps(small_dataset, tmp_path):
+    # 8 training frames, batch 4: 2 batches per epoch; 1.5 epochs with accumulation 1 -> 3 optimizer steps
+    result = train(config_for(small_dataset, tmp_path / "run", max_steps=None, epochs=1.5), log=quiet)
+    assert result.metrics["total_steps"] == 3 and [r["step"] for r in result.metrics["train"]] == [1, 2, 3]
