@@ -28,13 +28,13 @@ def test_a_short_run_measures_both_sides():
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    result = bench.run(parser.parse_args(["--frames", "6", "--rounds", "2", "--camera-seconds", "4",
-                                          "--camera-width", "160", "--camera-height", "120"]))
+    result = bench.run(parser.parse_args(["--presets", "tiny", "--frames", "6", "--rounds", "2",
+                                          "--camera-seconds", "4", "--camera-width", "160", "--camera-height", "120"]))
     rows = {row["measure"].split(",")[0]: row for row in result["table"]}
-    latency = rows["image -> EE delta"]
+    latency = rows["tiny (random init): image -> EE delta"]
     assert latency["ros"] > 0 and latency["baseline"] > 0
     assert math.isclose(latency["ratio"], latency["ros"] / latency["baseline"])
-    assert len(result["latency_ms"]["ros"]) + int(result["table"][1]["note"].split()[0]) == 6
+    assert len(result["latency_ms"]["tiny (random init)"]["ros"]) + int(result["table"][1]["note"].split()[0]) == 6
     camera = result["camera_phase"]
     assert camera["images"] > 60 and camera["actions"] > 5 and camera["cores"] > 0
     assert "goal" in result["summary"]
