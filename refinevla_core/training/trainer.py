@@ -292,7 +292,9 @@ class Trainer:
                 base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.log(f"refinevla train: {cfg.preset} preset, target order {model.refinevla_config.target_order}, "
+        source = f"from {cfg.base_checkpoint}" if cfg.base_checkpoint else "random init"
+        self.log(f"refinevla train: {model.refinevla_config.name} model ({source}), "
+                 f"target order {model.refinevla_config.target_order}, "
                  f"λ_r = {cfg.lambda_rationale}, rationale dropout {cfg.rationale_dropout:.0%}, "
                  f"{'LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else 'no LoRA'}, {cfg.precision}, "
                  f"{acc.num_processes} process(es) on {acc.device}")
