@@ -58,7 +58,7 @@ def _write_extra(directory: Path, name: str, content: Any) -> None:
     if name in (MANIFEST_NAME, STATS_FILENAME, REFINEVLA_CONFIG_NAME, "config.json"):
         raise CheckpointError(f"extra file name {name!r} would overwrite a checkpoint file")
     target.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, (str, os.PathLike)) and Path(content).is_file():
+    if isinstance(content, os.PathLike):  # a file to copy; a plain str is text to write
         shutil.copyfile(content, target)
     elif isinstance(content, bytes):
         target.write_bytes(content)
@@ -80,8 +80,8 @@ def save_checkpoint(  # noqa: PLR0917 (the positional order is the API the train
 
     `model` is a RefineVLA or its HF PaliGemmaForConditionalGeneration (merge peft adapters first);
     `processor` a RefineVLAProcessor; `stats` the training data's ActionStats (required: a checkpoint without
-    statistics cannot un-normalise actions); `extra_files` maps file names to text, bytes, a JSON-able object or a
-    path to copy. An existing *checkpoint* at `directory` is replaced; any other existing folder is refused.
+    statistics cannot un-normalise actions); `extra_files` maps file names to text (str), bytes, a JSON-able object or a
+    pathlib.Path to copy. An existing *checkpoint* at `directory` is replaced; any other existing folder is refused.
     """
     directory = Path(directory)
     vlm = getattr(model, "vlm", model)
