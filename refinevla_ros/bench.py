@@ -198,6 +198,8 @@ def _latency_phase(args: argparse.Namespace, policy: Any, peer: _Peer, node: _No
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8)
     stamp = 1_000_000_000
+    peer.delta_at.clear()  # stamps restart with every node under test
+    peer.actions.clear()
     # warm-up both sides (first calls allocate; DDS discovery; the instruction must have arrived)
     for _ in range(3):
         policy.predict(rgb, INSTRUCTION)

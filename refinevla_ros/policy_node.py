@@ -46,6 +46,7 @@ from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValu
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.serialization import deserialize_message
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Float64, Header, String
@@ -161,6 +162,9 @@ class _Stats:
     instructions: int = 0
     instructions_rejected: int = 0
     latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
+    # per model step, ms: image received -> worker has it decoded; predict done -> everything published
+    before_predict_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
+    after_predict_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
     last_hold_reason: str = ""
 
 
@@ -229,8 +233,10 @@ class PolicyNode(LifecycleNode):
         else:
             image_topic, image_type = IMAGE_TOPIC, Image
         self._image_topic = self.resolve_topic_name(image_topic)
+        self._image_type = image_type
         self._subs = [
-            self.create_subscription(image_type, image_topic, self._on_image, qos_profile_sensor_data),
+            # raw: only the image a step uses is deserialized (5 of 30 per second), off the executor thread
+            self.create_subscription(image_type, image_topic, self._on_image, qos_profile_sensor_data, raw=True),
             self.create_subscription(String, INSTRUCTION_TOPIC, self._on_instruction, INSTRUCTION_QOS),
         ]
         self._watchdog = StaleImageWatchdog(cfg.image_timeout_s)
@@ -300,7 +306,8 @@ class PolicyNode(LifecycleNode):
 
     # ---- callbacks (executor thread: short, never inference) ---------------------------------------------------
 
-    def _on_image(self, msg: Image | CompressedImage) -> None:
+    def _on_image(self, msg: bytes) -> None:
+        """The serialized image: kept as bytes until a control step needs it (latest wins)."""
         now = time.monotonic()
         with self._new_image:
             self._latest_image = msg
@@ -401,6 +408,13 @@ class PolicyNode(LifecycleNode):
             return
         if not new_image:
             return
+        try:
+            msg = deserialize_message(msg, self._image_type)
+        except Exception as e:  # a corrupt sample must not take the node down
+            self.stats.bad_images += 1
+            self._warn("deserialize", f"camera message could not be deserialized, holding still: {e}")
+            self._publish_step(guard.hold(f"bad camera message: {e}"), None, None, 0.0)
+            return
         header = Header(stamp=msg.header.stamp, frame_id=self.config.delta_frame_id)
         if not instruction:
             self._warn("instruction", f"no instruction yet: publish one on {self.resolve_topic_name(INSTRUCTION_TOPIC)}"
@@ -420,6 +434,7 @@ class PolicyNode(LifecycleNode):
             return
         self.stats.images_used += 1
         t0 = time.perf_counter()
+        self.stats.before_predict_ms.append((time.monotonic() - image_time) * 1000.0)
         try:
             output = self.policy.predict(rgb, instruction)
         except Exception as e:
@@ -442,7 +457,9 @@ class PolicyNode(LifecycleNode):
             self._warn(f"hold:{step.reason[:30]}", f"model output replaced by a hold: {step.reason}")
         elif step.reason:
             self._warn(f"adjust:{step.reason[:20]}", f"model output adjusted: {step.reason}", level="info")
+        t1 = time.perf_counter()
         self._publish_step(step, header, output, latency_ms, rgb=rgb)
+        self.stats.after_predict_ms.append((time.perf_counter() - t1) * 1000.0)
 
     # ---- publishing -------------------------------------------------------------------------------------------
 
@@ -460,10 +477,11 @@ class PolicyNode(LifecycleNode):
             if header is None:
                 header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.config.delta_frame_id)
             rationale_id = self._publish_rationale(output, header) if output is not None else 0
-            self._pubs["ee_delta"].publish(delta_to_msg(step.delta, header))
+            delta = delta_to_msg(step.delta, header)
+            self._pubs["ee_delta"].publish(delta)
             if not step.safe_hold:
                 self._pubs["gripper"].publish(Float64(data=float(step.gripper)))
-            action = Action(header=header, delta=delta_to_msg(step.delta, header), gripper=float(step.gripper),
+            action = Action(header=header, delta=delta, gripper=float(step.gripper),
                             step=self._step_index, inference_latency_ms=float(latency_ms),
                             rationale_id=rationale_id, safe_hold=step.safe_hold, guard_reason=step.reason)
             self._pubs["action"].publish(action)
@@ -531,11 +549,16 @@ class PolicyNode(LifecycleNode):
             "instructions_rejected": s.instructions_rejected,
             "latency_ms_last": s.latency_ms[-1] if lat else "", "latency_ms_p50": lat[len(lat) // 2] if lat else "",
             "latency_ms_max": lat[-1] if lat else "",
+            "image_to_predict_ms_p50": _median(s.before_predict_ms), "publish_ms_p50": _median(s.after_predict_ms),
         }
         status.values = [KeyValue(key=k, value=f"{v:.2f}" if isinstance(v, float) else str(v))
                          for k, v in values.items()]
         self._diagnostics_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
                                                       status=[status]))
+
+
+def _median(values: collections.deque) -> float | str:
+    return float(np.median(values)) if values else ""
 
 
 def main(args: list[str] | None = None) -> int:
