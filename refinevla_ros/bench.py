@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rationale-mode", default="action_only", choices=["action_only", "every_step", "every_n"],
                         help="the same PolicyConfig on both sides (default action_only: one control step)")
     parser.add_argument("--frames", type=int, default=40, help="measured images per side in the latency phase")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the frames are split into")
+    parser.add_argument("--rounds", type=int, default=20,
+                        help="interleaved rounds the frames are split into (default 20: 2 bare, 2 ROS, ...)")
     parser.add_argument("--image-size", type=int, default=224, help="square camera image for the latency phase")
     parser.add_argument("--camera-seconds", type=float, default=20.0, help="length of the 30 Hz camera phase")
     parser.add_argument("--camera-hz", type=float, default=30.0)
@@ -293,6 +294,9 @@ def _latency_rows(name: str, lat: dict[str, Any]) -> list[dict[str, Any]]:
         {"measure": f"{name}: ROS plumbing per step (image->delta minus the node's predict), median ms",
          "ros": plumbing, "baseline": bare_med, "ratio": plumbing / bare_med,
          "note": "DDS both ways, wake-up, decoding, guards, publishing"},
+        {"measure": f"{name}: bare predict + plumbing vs bare predict, ms", "ros": bare_med + plumbing,
+         "baseline": bare_med, "ratio": (bare_med + plumbing) / bare_med,
+         "note": "the ROS overhead alone, without the model's speed differing between two processes"},
     ]
 
 
