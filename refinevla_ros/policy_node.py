@@ -95,7 +95,7 @@ class PolicyNodeConfig:
     checkpoint: str = ""  # a checkpoint folder for Policy.from_checkpoint
     policy_factory: str = ""  # or "package.module:callable" returning an object with predict/reset
     device: str = "cpu"
-    control_rate_hz: float = 5.0  # 0: one step per new image (lock-step with a simulator or a benchmark)
+    control_rate_hz: float = 5.0  # 0: one step per new image stamp (lock-step with a simulator or a benchmark)
     image_transport: Literal["raw", "compressed"] = "raw"  # compressed: <image topic>/compressed (jpeg/png)
     image_timeout_s: float = 1.0  # stale-image watchdog
     max_instruction_chars: int = 2000
@@ -189,6 +189,7 @@ class PolicyNode(LifecycleNode):
         self._active = False
         self._step_index = 0
         self._rationale_id = 0
+        self._last_stamp: tuple[int, int] | None = None  # of the image the last model step used
         self._warned: dict[str, float] = {}
         self._pubs: dict[str, Any] = {}
         self._subs: list[Any] = []
@@ -415,6 +416,10 @@ class PolicyNode(LifecycleNode):
             self._warn("deserialize", f"camera message could not be deserialized, holding still: {e}")
             self._publish_step(guard.hold(f"bad camera message: {e}"), None, None, 0.0)
             return
+        stamp = (msg.header.stamp.sec, msg.header.stamp.nanosec)
+        if (self.config.control_rate_hz == 0 and stamp == self._last_stamp and stamp != (0, 0)
+                and episode == getattr(self, "_policy_episode", None)):
+            return  # lock-step: the same image re-sent (a simulator waiting for us) is not a new step
         header = Header(stamp=msg.header.stamp, frame_id=self.config.delta_frame_id)
         if not instruction:
             self._warn("instruction", f"no instruction yet: publish one on {self.resolve_topic_name(INSTRUCTION_TOPIC)}"
@@ -433,6 +438,7 @@ class PolicyNode(LifecycleNode):
             self._publish_step(guard.hold(f"bad camera image: {e}"), header, None, 0.0)
             return
         self.stats.images_used += 1
+        self._last_stamp = stamp
         t0 = time.perf_counter()
         self.stats.before_predict_ms.append((time.monotonic() - image_time) * 1000.0)
         try:

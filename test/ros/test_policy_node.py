@@ -431,3 +431,32 @@ def test_a_real_trained_checkpoint_drives_the_node_end_to_end(tmp_path):
     # every_n = 3: steps 0..2 share the first rationale, step 3 brings a fresh one
     assert [a.rationale_id for a in moving[:4]] == [1, 1, 1, 2]
     assert len(out.structured) >= 2
+
+
+def test_lock_step_mode_steps_once_per_new_image_and_still_watches_the_camera():
+    """control_rate_hz 0 (sim.launch.py, the benchmark): a re-sent image (same stamp) is not a new step; the watchdog
+    still holds when images stop."""
+    with peer_node("lockstep_peer") as (node, ex):
+        out = Outputs(node)
+        node.create_publisher(String, "/refinevla/instruction", INSTRUCTION_QOS).publish(String(data="push"))
+        camera = node.create_publisher(Image, "/camera/image_raw", 10)
+
+        def stamped(sec: int) -> Image:
+            msg = rgb_to_image(image(sec))
+            msg.header.stamp.sec = sec
+            return msg
+
+        with node_process(MODULE, policy_args("image_mean_policy", "control_rate_hz:=0.0",
+                                              "image_timeout_s:=0.5")) as proc:
+            assert spin_until(ex, out.moving, 60, every=lambda: camera.publish(stamped(10))), proc.output()
+            for sec in (11, 12):
+                for _ in range(3):  # the same image three times: one step
+                    camera.publish(stamped(sec))
+                    spin_until(ex, lambda: False, 0.1)
+                assert spin_until(ex, lambda sec=sec: any(a.header.stamp.sec == sec for a in out.moving()), 30)
+            spin_until(ex, lambda: any("stale camera image" in a.guard_reason for a in out.actions), 30)
+            assert proc.alive()
+        steps = [a.header.stamp.sec for a in out.moving()]
+        assert steps.count(11) == 1 and steps.count(12) == 1, steps
+        assert out.actions[-1].safe_hold, "no images: the watchdog holds in lock-step mode too"
+        out.assert_all_safe()
