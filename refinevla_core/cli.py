@@ -46,7 +46,17 @@ def _module_exists(name: str) -> bool:
         return False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _selected_command(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the first token that is not an option), if any."""
+    for token in argv:
+        if not token.startswith("-"):
+            return token
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only `command`'s module is imported (for its arguments), so `refinevla --help` stays fast
+    and one stage's broken import cannot take the other stages down with it."""
     parser = argparse.ArgumentParser(
         prog="refinevla",
         description="ReFineVLA: teacher rationales, selective-transfer fine-tuning, VLA inference, ROS 2 and sim.",
@@ -61,20 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
             description=spec.help,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        if built:
+        if built and name == command:
             importlib.import_module(spec.module).add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_selected_command(argv))
     args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     spec = SUBCOMMANDS[args.command]
-    if _module_exists(spec.module) and unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not _module_exists(spec.module):
         print(
             f"refinevla {args.command}: not built yet (planned in issue #{spec.issue}); "
@@ -82,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_NOT_BUILT
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(importlib.import_module(spec.module).run(args) or 0)
 
 

@@ -116,7 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     for name, (module, issue) in BENCHMARKS.items():
         if _exists(module):
-            mod = importlib.import_module(module)
+            try:
+                mod = importlib.import_module(module)
+            except Exception as e:  # one broken benchmark must not hide the others; running it re-raises
+                sub.add_parser(name, help=f"[cannot be imported: {type(e).__name__}: {e}]")
+                continue
             p = sub.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0])
             mod.add_arguments(p)
         else:

@@ -49,3 +49,14 @@ def test_bench_writes_json_and_markdown_with_machine(tmp_path):
     data = json.loads(json_path.read_text())
     assert data["benchmark"] == "unit" and data["machine"]["cpu_count"] >= 1
     assert "| a | 1.5 |" in md_path.read_text()
+
+
+def test_a_broken_stage_does_not_take_the_others_down(tmp_path, monkeypatch, capsys):
+    (tmp_path / "refinevla_broken_stage.py").write_text("raise RuntimeError('half-written module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "broken", cli.Subcommand("refinevla_broken_stage", "a broken stage", 0))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0 and "BENCHMARK" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="half-written"):
+        cli.main(["broken"])
