@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             except Exception as e:  # one broken benchmark must not hide the others; running it re-raises
                 sub.add_parser(name, help=f"[cannot be imported: {type(e).__name__}: {e}]")
                 continue
-            p = sub.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0])
+            first_line = (mod.__doc__ or name).strip().splitlines()[0]
+            p = sub.add_parser(name, help=first_line.replace("%", "%%"))  # argparse %-formats help strings
             mod.add_arguments(p)
         else:
             sub.add_parser(name, help=f"[not built yet: issue #{issue}]")
