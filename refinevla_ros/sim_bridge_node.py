@@ -19,11 +19,16 @@ Services
 
 Stepping (parameter step_mode):
 - lockstep (default): the sim steps once per action whose header.stamp equals the current image's stamp; actions
-  computed from older images are late and ignored. The gripper pairs with the EE delta: the bridge steps when a
-  gripper command arrived after the current image, or gripper_grace_s after the delta (then the last gripper command
-  is kept: the policy node publishes no gripper on a hold). If no action arrives within action_timeout_s the bridge
-  steps with a hold (no motion, last gripper) and warns: a missing or late action holds position. The image is
-  re-sent every republish_s while waiting, in case the best-effort camera topic dropped it.
+  computed from older images are late and ignored. The gripper pairs with the EE delta it follows (publish the
+  delta, then the gripper, as policy_node does): the bridge steps when a gripper command arrives after the delta, or
+  gripper_grace_s after the delta with the last gripper command (policy_node publishes no gripper on a hold). A
+  gripper that came before the delta may belong to an older decision, so it is used only after the grace period.
+  action_source:=action takes the bundled, stamped refinevla/Action instead: no pairing needed.
+  If no action arrives within action_timeout_s the bridge steps with a hold (no motion, last gripper) and warns: a
+  missing or late action holds position. The image is re-sent every republish_s while waiting, in case the
+  best-effort camera topic dropped it (0 for a policy node whose "latest image wins" loop would run its model again
+  on the re-sent image). At a reset the instruction goes out
+  instruction_lead_s before the first image.
 - control_rate: a timer steps at control_hz with the newest action not used before whose image stamp is at most
   action_timeout_s old; otherwise a hold step. Real-time behaviour, for running with a live policy.
 Non-finite commands are dropped with a warning (never stepped); a done episode ignores actions until a reset.
@@ -71,7 +76,6 @@ STATUS_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durabi
 COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 STATE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 WATCH_PERIOD_S = 0.05  # lockstep bookkeeping (grace, timeout, re-send); steps themselves happen in callbacks
-REPUBLISH_S = 0.5
 
 
 def stamp_ns(stamp: TimeMsg) -> int:
@@ -153,6 +157,8 @@ class SimBridgeNode(Node):
         self.pending = None
         self.gripper_cmd, self.gripper_at = 1.0, 0.0
         self.instruction_pub.publish(String(data=obs.instruction))
+        if self.config.instruction_lead_s > 0:
+            time.sleep(self.config.instruction_lead_s)  # the instruction first: a policy node starts a new episode
         self.publish_observation(obs.image, reward=0.0, success=False)
         self.get_logger().info(f"episode {self.episode_index}: {task} seed {seed}: {obs.instruction!r}")
 
@@ -277,7 +283,9 @@ class SimBridgeNode(Node):
         if self.config.step_mode != "lockstep" or self.pending is None:
             return
         delta, arrived, gripper = self.pending
-        paired = (gripper is not None or self.config.action_source == "action" or self.gripper_at > self.obs_sent_at
+        # a gripper command belongs to the EE delta it FOLLOWS (policy_node publishes the delta, then the gripper);
+        # one that came earlier may be a leftover of a decision on an older image, so it only counts after the grace
+        paired = (gripper is not None or self.config.action_source == "action" or self.gripper_at > arrived
                   or time.monotonic() - arrived >= self.config.gripper_grace_s)
         if paired:
             self.pending = None
@@ -296,7 +304,7 @@ class SimBridgeNode(Node):
             self.get_logger().warning(f"no action for the current image within action_timeout_s = {timeout} s: "
                                       "holding position for one step", throttle_duration_sec=5.0)
             self.step(self.backend.hold_action(), hold=True)
-        elif now - self.last_sent_at > REPUBLISH_S:
+        elif self.config.republish_s > 0 and now - self.last_sent_at > self.config.republish_s:
             self.send_image()  # the same stamp: the policy may have missed it on the best-effort topic
 
     def on_control_tick(self) -> None:

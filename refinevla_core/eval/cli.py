@@ -3,6 +3,7 @@ simulator, in-process or through the ROS nodes, with a report (JSON, Markdown, H
 
     refinevla eval --checkpoint runs/ckpt --tasks PushCube-v1 --episodes 30 --seed 1000 --out eval/ckpt
     refinevla eval --policy expert --tasks PushCube-v1 PickCube-v1 --episodes 20 --via ros
+    refinevla eval --checkpoint runs/ckpt --via ros-policy-node        # sim_bridge_node + policy_node processes
     refinevla eval --compare eval/a/report.json eval/b/report.json   # one SimplerEnv-style table
 
 Seeds: episode i of each task uses seed --seed + i. `refinevla collect` starts at 0, so the default --seed 1000 keeps
@@ -53,14 +54,46 @@ def policy_factory(args: argparse.Namespace) -> tuple[str, Callable[[Callable[[]
         return "scripted expert (privileged state)", ScriptedExpertPolicy
     if args.policy == "random":
         return "random", lambda state_fn: RandomPolicy(args.seed)
+    if args.policy_factory:
+        factory = load_factory(args.policy_factory)
+        policy = factory()
+        return args.name or args.policy_factory, lambda state_fn: policy
     if args.checkpoint is None:
-        raise ValueError("name a checkpoint (--checkpoint DIR) or --policy expert|random")
+        raise ValueError("name a checkpoint (--checkpoint DIR), --policy-factory pkg.module:callable, or "
+                         "--policy expert|random")
     from refinevla_core.inference.policy import Policy, PolicyConfig
 
     policy = Policy.from_checkpoint(args.checkpoint, device=args.device,
                                     config=PolicyConfig(rationale_mode=args.rationale_mode,
                                                         rationale_every_n=args.rationale_every_n, seed=args.seed))
     return args.name or Path(args.checkpoint).name, lambda state_fn: policy
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """'package.module:callable' -> the callable (as policy_node's policy_factory parameter)."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--policy-factory {spec!r} must look like 'package.module:callable'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--policy-factory {spec!r} cannot be imported: {e}") from e
+
+
+def policy_node_params(args: argparse.Namespace) -> dict[str, Any]:
+    """policy_node parameters for --via ros-policy-node."""
+    if args.policy == "expert":
+        raise ValueError("--via ros-policy-node runs policy_node, which has no privileged state: the scripted expert "
+                         "needs --via ros or inprocess")
+    if args.policy_factory:
+        return {"policy_factory": args.policy_factory}
+    if args.checkpoint is None:
+        raise ValueError("--via ros-policy-node needs --checkpoint DIR (or --policy-factory)")
+    return {"checkpoint": str(Path(args.checkpoint).resolve()), "device": args.device,
+            "policy.rationale_mode": args.rationale_mode, "policy.rationale_every_n": args.rationale_every_n,
+            "policy.seed": args.seed}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,8 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", nargs="+", default=["PushCube-v1"], metavar="TASK")
     parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
     parser.add_argument("--seed", type=int, default=1000, help="seed of episode 0 (collect starts at 0)")
-    parser.add_argument("--via", choices=["inprocess", "ros"], default="inprocess",
-                        help="ros: through sim_bridge_node over DDS (started here, on $ROS_DOMAIN_ID)")
+    parser.add_argument("--policy-factory", default="",
+                        help="package.module:callable returning an object with predict/reset (instead of a checkpoint)")
+    parser.add_argument("--via", choices=["inprocess", "ros", "ros-policy-node"], default="inprocess",
+                        help="ros: the policy runs here and acts through sim_bridge_node over DDS; ros-policy-node: "
+                             "sim_bridge_node + policy_node processes, this process only resets and watches (both "
+                             "started here, on $ROS_DOMAIN_ID)")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--max-steps", type=int, default=0, help="0 = the task's limit")
     parser.add_argument("--control-mode", default="pd_ee_delta_pose",
@@ -110,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
         sim = SimConfig(image_size=args.image_size, max_steps=args.max_steps, control_mode=args.control_mode,
                         instruction_mode=args.instruction_mode, task=args.tasks[0])
-        name, make_policy = policy_factory(args)
+        if args.via == "ros-policy-node":
+            node_params = policy_node_params(args)
+            name = args.name or (args.policy_factory or Path(args.checkpoint).name) + " (policy_node)"
+        else:
+            name, make_policy = policy_factory(args)
 
         def progress(r: EpisodeResult) -> None:
             print(f"  {r.task} seed {r.seed}: {'success' if r.success else 'failure'} in {r.steps} steps "
@@ -122,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
             results = evaluate_via_ros(make_policy, args.tasks, args.episodes, seed=args.seed, sim=sim,
                                        videos_per_task=args.videos, on_episode=progress,
                                        privileged_state=args.policy == "expert")
+        elif args.via == "ros-policy-node":
+            from refinevla_ros.sim_eval_client import evaluate_via_ros
+
+            results = evaluate_via_ros(None, args.tasks, args.episodes, seed=args.seed, sim=sim,
+                                       videos_per_task=args.videos, on_episode=progress,
+                                       policy_node_params=node_params)
         else:
             results = evaluate(lambda backend: make_policy(backend.privileged_state), args.tasks, args.episodes,
                                seed=args.seed, sim=sim, videos_per_task=args.videos, on_episode=progress)
@@ -130,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     meta = {"tasks": args.tasks, "episodes": args.episodes, "seed": args.seed, "via": args.via,
             "image_size": args.image_size, "control_mode": args.control_mode, "checkpoint": str(args.checkpoint or ""),
-            "rationale_mode": args.rationale_mode if args.policy == "checkpoint" else ""}
+            "rationale_mode": args.rationale_mode if args.policy == "checkpoint" else "",
+            "policy_factory": args.policy_factory}
     write_report(args.out, results, meta, policy_name=name, fps=args.fps)
     for task, s in summarise(results).items():
         print(f"{task}: {s.rate.text()}")

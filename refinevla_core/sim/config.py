@@ -56,6 +56,10 @@ class SimBridgeConfig:
     action_timeout_s: float = 2.0  # missing/late action -> hold position; 0 = wait for ever (lockstep only)
     gripper_grace_s: float = 0.2  # lockstep: after an EE delta, wait this long for the gripper of the same decision
     action_source: Literal["ee_delta", "action"] = "ee_delta"  # ee_delta + gripper topics, or the bundled Action
+    # at a reset the instruction is published this long before the episode's first image, so a policy node has the
+    # new instruction (a new episode) before it sees the new scene
+    instruction_lead_s: float = 0.2
+    republish_s: float = 0.5  # lockstep: re-send the waiting image this often (best-effort camera); 0 = never
     first_seed: int = 0  # seed of the first episode; a reset with seed < 0 takes the next one in sequence
     auto_reset: bool = False  # start the next episode (next seed) by itself when one is done
     publish_privileged_state: bool = False  # debug topic with the simulator's ground truth (scripted experts only)
@@ -67,6 +71,8 @@ class SimBridgeConfig:
             raise ValueError(f"control_hz {self.control_hz} must be > 0")
         if self.action_timeout_s < 0:
             raise ValueError(f"action_timeout_s {self.action_timeout_s} must be >= 0 (0 = wait for ever)")
+        if self.instruction_lead_s < 0 or self.republish_s < 0:
+            raise ValueError("instruction_lead_s and republish_s must be >= 0")
         if self.step_mode == "control_rate" and self.action_timeout_s == 0:
             raise ValueError("control_rate mode needs action_timeout_s > 0 (how old an action may be)")
 

@@ -4,10 +4,12 @@ the very same actions, images and outcomes as in-process; missing, late and non-
 How the expert sees the world: a camera image cannot carry the privileged state the expert needs, so the bridge
 publishes it on an opt-in debug topic (publish_privileged_state:=true) as JSON stamped like the image; the peer node
 here (refinevla_ros.sim_eval_client.BridgeClient, the ROS evaluator) reads it, runs the expert and publishes the
-gripper then the EE delta with the image's stamp, exactly as the policy node does.
+EE delta with the image's stamp, then the gripper, exactly as the policy node does.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -116,9 +118,15 @@ def test_missing_late_and_nonfinite_actions_hold_position(bridge):
     log = proc.output()
     assert "holding position" in log and "non-finite" in log
 
-    # a proper action for the current image is executed at once
+    # a proper action for the current image is executed at once, with the gripper command that FOLLOWS its delta;
+    # a gripper that came before (a leftover of some older decision) is not taken for it
+    gripper_pub.publish(Float64(data=0.0))
+    t0 = time.monotonic()
+    client.spin_until(lambda: time.monotonic() - t0 > 0.3, "a moment", 5)  # it reaches the bridge first
     client.send(stamp_ns(held.header.stamp), np.array([0.05, 0, 0, 0, 0, 0, 1.0]))
     moved = client.spin_until(lambda: next((s for s in client.statuses if s.episode == first.episode and s.step == 2),
                                            None), "the commanded step", 30)
     later = client.spin_until(lambda: client.states.get(stamp_ns(moved.header.stamp)), "the state after the step")
     assert later["gripper"]["position"][0] - after["gripper"]["position"][0] > 0.01
+    assert later["gripper"]["opening"] > 0.9  # the leftover 0.0 (close) was not paired with this step
+
