@@ -190,6 +190,7 @@ class PolicyNode(LifecycleNode):
         self._step_index = 0
         self._rationale_id = 0
         self._last_stamp: tuple[int, int] | None = None  # of the image the last model step used
+        self._step_header: Header | None = None  # of the step in progress (for an internal-error hold)
         self._warned: dict[str, float] = {}
         self._pubs: dict[str, Any] = {}
         self._subs: list[Any] = []
@@ -385,11 +386,13 @@ class PolicyNode(LifecycleNode):
                     processed_seq = self._image_seq
                 if self._stop_worker.is_set():
                     break
+            self._step_header = None
             try:
                 self._control_step(new_image)
             except Exception as e:  # never let the loop die: a dead loop would leave the last command standing
                 self._warn("loop", f"control step failed: {type(e).__name__}: {e}")
-                self._publish_step(self._guard.hold(f"internal error: {e}"), None, None, 0.0)
+                # stamped with the step's image, if known: a lock-step simulator then steps with the hold
+                self._publish_step(self._guard.hold(f"internal error: {e}"), self._step_header, None, 0.0)
 
     def _control_step(self, new_image: bool = True) -> None:
         """One control step; with new_image False (lock-step mode, no image came) only the watchdog runs."""
@@ -420,7 +423,7 @@ class PolicyNode(LifecycleNode):
         if (self.config.control_rate_hz == 0 and stamp == self._last_stamp and stamp != (0, 0)
                 and episode == getattr(self, "_policy_episode", None)):
             return  # lock-step: the same image re-sent (a simulator waiting for us) is not a new step
-        header = Header(stamp=msg.header.stamp, frame_id=self.config.delta_frame_id)
+        header = self._step_header = Header(stamp=msg.header.stamp, frame_id=self.config.delta_frame_id)
         if not instruction:
             self._warn("instruction", f"no instruction yet: publish one on {self.resolve_topic_name(INSTRUCTION_TOPIC)}"
                                       " (std_msgs/String); holding still")
@@ -500,18 +503,32 @@ class PolicyNode(LifecycleNode):
             self._publish_attention(rgb, header)
 
     def _publish_rationale(self, output: Any, header: Header) -> int:
-        rationale = getattr(output, "rationale", None)
-        text = getattr(output, "rationale_text", "") or (rationale.text() if rationale is not None else "")
-        if rationale is None and not text:
-            return 0
-        if getattr(output, "rationale_fresh", True) or self._rationale_id == 0:
-            self._rationale_id += 1
-            self._pubs["rationale"].publish(String(data=text))
-            msg = rationale_to_msg(rationale or Rationale("", "", "", ""), header=header, step=self._step_index,
-                                   rid=self._rationale_id, fresh=bool(getattr(output, "rationale_fresh", True)))
-            if rationale is None:
-                msg.text = text  # did not parse into four sections: keep the raw text
-            self._pubs["rationale_structured"].publish(msg)
+        """Publish a fresh rationale (String + refinevla/Rationale); returns the id the step's Action refers to.
+
+        Text that did not parse into four sections (a cut-off generation) is published as is, with the sections the
+        output has (a duck-typed object) or empty ones. Never raises: the step's action goes out regardless."""
+        try:
+            rationale = getattr(output, "rationale", None)
+            text = getattr(output, "rationale_text", "") or (rationale.text() if rationale is not None else "")
+            if rationale is None and not text:
+                return 0
+            fresh = bool(getattr(output, "rationale_fresh", True))
+            if fresh or self._rationale_id == 0:
+                self._rationale_id += 1
+                self._pubs["rationale"].publish(String(data=str(text)))
+                if isinstance(rationale, Rationale):
+                    msg = rationale_to_msg(rationale, header=header, step=self._step_index, rid=self._rationale_id,
+                                           fresh=fresh)
+                else:
+                    msg = RationaleMsg(header=header, text=str(text), step=self._step_index, id=self._rationale_id,
+                                       fresh=fresh)
+                    for section in ("observation", "situation_analysis", "spatial_reasoning", "task_planning"):
+                        value = getattr(rationale, section, "")
+                        setattr(msg, section, value if isinstance(value, str) else "")
+                self._pubs["rationale_structured"].publish(msg)
+        except Exception as e:
+            self._warn("rationale", f"the rationale could not be published ({type(e).__name__}: {e}); the action "
+                                    "is published without it")
         return self._rationale_id
 
     def _publish_attention(self, rgb: np.ndarray, header: Header) -> None:

@@ -131,6 +131,36 @@ class AttentionPolicy(ConstantPolicy):
         return out
 
 
+class CutOffRationale:
+    """Duck-typed sections of a generation cut off after two headings (as refinevla_core.demo.node_policy returns)."""
+
+    def __init__(self, text: str) -> None:
+        self.observation, self.situation_analysis = "red cube", "the gripper is"
+        self.spatial_reasoning = self.task_planning = ""
+        self._text = text
+
+    def text(self) -> str:
+        return self._text
+
+
+class UnparsedRationalePolicy(ConstantPolicy):
+    """Rationales that do not parse into four sections: raw text only, then duck-typed sections, then a valid one."""
+
+    def predict(self, image: np.ndarray, instruction: str) -> PolicyOutput:
+        out = super().predict(image, instruction)
+        kind = self.calls % 3
+        cut = "Observation: red cube\nSituation Analysis: the gripper is"
+        if kind == 1:
+            out.rationale, out.rationale_text = None, cut
+        elif kind == 2:
+            out.rationale, out.rationale_text = CutOffRationale(cut), cut
+        return out
+
+
+def unparsed_rationale_policy() -> UnparsedRationalePolicy:
+    return UnparsedRationalePolicy()
+
+
 def constant_policy() -> ConstantPolicy:
     return ConstantPolicy()
 

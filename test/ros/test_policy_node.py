@@ -460,3 +460,23 @@ def test_lock_step_mode_steps_once_per_new_image_and_still_watches_the_camera():
         assert steps.count(11) == 1 and steps.count(12) == 1, steps
         assert out.actions[-1].safe_hold, "no images: the watchdog holds in lock-step mode too"
         out.assert_all_safe()
+
+
+def test_rationales_that_do_not_parse_are_published_as_generated_and_the_action_still_goes_out():
+    with peer_node("unparsed_peer") as (node, ex):
+        out = Outputs(node)
+        node.create_publisher(String, "/refinevla/instruction", INSTRUCTION_QOS).publish(String(data="push"))
+        camera = node.create_publisher(Image, "/camera/image_raw", 10)
+        with node_process(MODULE, policy_args("unparsed_rationale_policy", "control_rate_hz:=20.0")) as proc:
+            assert spin_until(ex, lambda: len(out.structured) >= 6 and len(out.moving()) >= 6, 60,
+                              every=lambda: camera.publish(rgb_to_image(image(7)))), proc.output()
+        cut = "Observation: red cube\nSituation Analysis: the gripper is"
+        raw = [r for r in out.structured if r.text == cut and not r.observation]
+        duck = [r for r in out.structured if r.text == cut and r.observation == "red cube"]
+        full = [r for r in out.structured if r.text.startswith("Observation: image 32x24")]
+        assert raw and duck and full, [(r.observation, r.text[:30]) for r in out.structured]
+        assert duck[0].situation_analysis == "the gripper is" and duck[0].task_planning == ""
+        assert cut in out.rationales
+        assert all(a.guard_reason != "" and "internal error" not in a.guard_reason for a in out.moving())
+        assert not [a for a in out.actions if "internal error" in a.guard_reason]
+        assert "could not be published" not in proc.output()
