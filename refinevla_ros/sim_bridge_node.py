@@ -25,10 +25,9 @@ Stepping (parameter step_mode):
   gripper that came before the delta may belong to an older decision, so it is used only after the grace period.
   action_source:=action takes the bundled, stamped refinevla/Action instead: no pairing needed.
   If no action arrives within action_timeout_s the bridge steps with a hold (no motion, last gripper) and warns: a
-  missing or late action holds position. The image is re-sent every republish_s while waiting, in case the
-  best-effort camera topic dropped it (0 for a policy node whose "latest image wins" loop would run its model again
-  on the re-sent image). At a reset the instruction goes out
-  instruction_lead_s before the first image.
+  missing or late action holds position. The image is re-sent (same stamp) every republish_s while waiting, in case
+  the best-effort camera topic dropped it; policy_node in lock-step takes a re-sent stamp for no new step. At a reset
+  the instruction goes out instruction_lead_s before the first image.
 - control_rate: a timer steps at control_hz with the newest action not used before whose image stamp is at most
   action_timeout_s old; otherwise a hold step. Real-time behaviour, for running with a live policy.
 Non-finite commands are dropped with a warning (never stepped); a done episode ignores actions until a reset.

@@ -301,9 +301,7 @@ def evaluate_via_ros(make_policy: Callable[[Callable[[], dict]], Any] | None, ta
     logs = {name: Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1]) for name in ("sim_bridge", "policy")}
     results: list[EpisodeResult] = []
     with contextlib.ExitStack() as stack:
-        bridge_overrides = {"republish_s": 0.0} if policy_node_params is not None else {}
-        procs = {"sim_bridge": stack.enter_context(bridge_process(sim, privileged_state, logs["sim_bridge"],
-                                                                  bridge_overrides))}
+        procs = {"sim_bridge": stack.enter_context(bridge_process(sim, privileged_state, logs["sim_bridge"]))}
         if policy_node_params is not None:
             command = [sys.executable, "-m", "refinevla_ros.policy_node", "--ros-args",
                        *_ros_args({**POLICY_NODE_EVAL_PARAMS, **policy_node_params})]
