@@ -136,7 +136,9 @@ def _merge(plan: list[tuple[int, int]], shards: list[Path], data_dir: Path, sett
             if episode.seed != plan[k][0] + i:
                 raise DataError(f"{shard} episode {i} has seed {episode.seed}, expected {plan[k][0] + i}")
             index = merged.append(episode)
-            assert index == first + i
+            if index != first + i:
+                raise DataError(f"{data_dir}: shard {k} episode {i} landed at index {index}, not {first + i}; "
+                                "remove the folder and rerun")
     return merged
 
 

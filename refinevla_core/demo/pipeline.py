@@ -35,13 +35,23 @@ class DemoError(RuntimeError):
     """The demo cannot go on; the message names the stage, the cause and where its log is."""
 
 
-def _check_out(out: Path) -> None:
-    """--out is new, empty, or a demo folder: the demo removes stage folders and must never touch anything else."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+def _check_out(out: Path, mode: str = "full") -> None:
+    """--out is new, empty, or a demo folder of the same mode: the demo removes stage folders and must never touch
+    anything else (nor replace a full run's results with a quick run's)."""
+    marker = out / MARKER
+    if out.exists() and any(out.iterdir()) and not marker.is_file():
         raise DemoError(f"{out} is not empty and was not made by `refinevla demo` (no {MARKER}); choose an empty or "
                         "new --out")
+    if marker.is_file():
+        try:
+            have = json.loads(marker.read_text()).get("mode", mode)
+        except json.JSONDecodeError:
+            have = mode
+        if have != mode:
+            raise DemoError(f"{out} holds a {have} demo run; a {mode} run there would replace its results - choose "
+                            "another --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"made_by": "refinevla demo"}) + "\n")
+    marker.write_text(json.dumps({"made_by": "refinevla demo", "mode": mode}) + "\n")
 
 
 def _stage(index: int, title: str, detail: str) -> None:
@@ -56,7 +66,7 @@ def run_demo(config: DemoConfig, out: Path, progress: bool = True, until: str | 
     from refinevla_core.demo.report import write_report
 
     out = Path(out)
-    _check_out(out)
+    _check_out(out, config.mode)
     save_config(config, out / "demo_config.yaml")
     load_start = os.getloadavg()
     started = time.perf_counter()

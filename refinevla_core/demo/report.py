@@ -59,17 +59,18 @@ def plot_losses(train: dict[str, dict[str, Any]], path: Path) -> Path:
     """Two panels: the action term and the rationale term per model (train lines, validation markers)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    for name, info in train.items():
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (name, info) in enumerate(train.items()):
+        color = palette[index % len(palette)]  # one colour per model in both panels
         metrics = json.loads(Path(info["metrics"]).read_text())
         for ax, key, val_key in ((axes[0], "loss_action", "val_loss_action"),
                                  (axes[1], "loss_rationale", "val_loss_rationale")):
             pts = [(r["step"], r.get(key)) for r in metrics.get("train", []) if r.get(key) is not None]
             if pts:
-                line, = ax.plot(*zip(*pts, strict=True), label=f"{name} (train)")
+                ax.plot(*zip(*pts, strict=True), color=color, label=f"{name} (train)")
                 val = [(r["step"], r.get(val_key)) for r in metrics.get("val", []) if r.get(val_key) is not None]
                 if val:
-                    ax.plot(*zip(*val, strict=True), marker="o", linestyle="--", color=line.get_color(),
-                            label=f"{name} (val)")
+                    ax.plot(*zip(*val, strict=True), marker="o", linestyle="--", color=color, label=f"{name} (val)")
     axes[0].set_title("L_action (action tokens)")
     axes[1].set_title("L_rationale (rationale tokens; λ_r = 0 has none)")
     for ax in axes:
@@ -94,10 +95,10 @@ def plot_success(rows: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
     colors = ["#4C72B0" if "via" in r and r["via"].startswith("ROS") else "#999999" for _, r in rows]
     ax.bar(names, rates, yerr=err, capsize=6, color=colors)
     for i, (_, r) in enumerate(rows):
-        ax.text(i, 2, f"{r['successes']}/{r['trials']}", ha="center", color="white", fontsize=9)
-    ax.set_ylim(0, 105)
+        ax.text(i, 100 * r["wilson95"][1] + 2, f"{r['successes']}/{r['trials']}", ha="center", fontsize=9)
+    ax.set_ylim(0, 112)
     ax.set_ylabel("success % (Wilson 95 %)")
-    ax.set_title("closed-loop success (blue: through the ROS nodes; grey: in-process references)")
+    ax.set_title("closed-loop success\n(blue: models through the ROS nodes; grey: in-process references)", fontsize=10)
     plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
     fig.tight_layout()
     fig.savefig(path)
@@ -378,7 +379,9 @@ def write_report(out: Path, context: dict[str, Any]) -> dict[str, Any]:
         "generated rationale, and with the teacher's rationale (as trained) fed in its place. How to read it: an "
         "error lower with the teacher's rationale than with the model's own means the action head uses the "
         "rationale but the generated rationale is not grounded in the image; no difference means the action "
-        "ignores the rationale.</p>",
+        "ignores the rationale. The trainer's validation action L1 in the training table is close to (c) for the "
+        "rationale-first model, but it also feeds the true previous action tokens; here all 7 action tokens are "
+        "decoded greedily, as in the closed loop.</p>",
         _table(diag_head, diag_rows), f"<div class='claim'>{para(diag_text or no_diag)}</div></section>",
         "<section id='rationales'><h2>Generated rationales next to the teacher's</h2>",
         _table(stats_head, rationale_stats), *example_blocks,

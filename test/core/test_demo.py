@@ -123,8 +123,10 @@ def test_out_folder_guard(tmp_path):
     with pytest.raises(DemoError, match="not empty"):
         _check_out(foreign)
     fresh = tmp_path / "new"
-    _check_out(fresh)
-    _check_out(fresh)  # a demo folder may be reused
+    _check_out(fresh, "quick")
+    _check_out(fresh, "quick")  # a demo folder may be reused
+    with pytest.raises(DemoError, match="holds a quick demo run"):
+        _check_out(fresh, "full")
 
 
 # ---- collection shards -------------------------------------------------------------------------------------------
