@@ -19,7 +19,9 @@ node is seen within PROBE_S, uses the loopback-only DDS profile when one is inst
 episode that its bridge is the only EpisodeStatus publisher and its policy node the only EE-delta publisher.
 
 Per model it appends one JSON line per episode to <out_dir>/episodes.jsonl as soon as the episode ends, so a killed
-evaluation resumes at the next seed. Node logs go to <out_dir>/logs/.
+evaluation resumes at the next seed. Node logs go to <out_dir>/logs/. The bridge and the policy node get exactly the
+settings `refinevla eval --via ros-policy-node` uses (refinevla_ros.sim_eval_client: bridge_command,
+POLICY_NODE_EVAL_PARAMS), so the demo's numbers and that command's agree.
 """
 
 from __future__ import annotations
@@ -55,29 +57,16 @@ from refinevla_ros.sim_bridge_node import (
     STATUS_TOPIC,
     stamp_ns,
 )
+from refinevla_ros.sim_eval_client import POLICY_NODE_EVAL_PARAMS, bridge_command
 
 ACTION_TOPIC = "/refinevla/action"
 RATIONALE_STRUCTURED_TOPIC = "/refinevla/rationale_structured"
 DIAGNOSTICS_TOPIC = "/diagnostics"
 PROBE_S = 1.5
 READY_TIMEOUT_S = 300.0
-FIRST_ACTION_RETRY_S = 30.0  # no Action for an episode's first image this long after the reset: reset the same seed
+FIRST_ACTION_RETRY_S = 60.0  # no Action for an episode's first image this long after the reset: reset the same seed
 MAX_FIRST_STEP_RETRIES = 2
 KEEP_RATIONALES = 12
-
-# The simulator waits for every action (lockstep): the world does not move while the model thinks, so an image is
-# never stale and the watchdog must not replace a slow (rationale) step with a hold. Per-step limits are the
-# simulator's own (0.1 m per axis; ManiSkill limits rotations by norm), so the node changes nothing the simulator
-# would execute; the WidowX defaults (0.05 m) would halve the expert's largest steps, which the models imitate.
-POLICY_NODE_PARAMS: dict[str, Any] = {
-    "device": "cpu", "control_rate_hz": 0.0, "image_timeout_s": 600.0, "delta_frame_id": "world",
-    "safety.max_delta": [0.1, 0.1, 0.1, 3.2, 3.2, 3.2],
-}
-# lockstep, wait for every action; no re-sent images (policy_node would run its model again on a re-sent image);
-# the instruction goes out before the first image of an episode (bridges that have these parameters)
-BRIDGE_PARAMS: dict[str, Any] = {"step_mode": "lockstep", "action_timeout_s": 0.0, "publish_privileged_state": False,
-                                 "republish_s": 0.0, "instruction_lead_s": 0.2}
-
 
 class LaneError(RuntimeError):
     """The evaluation cannot go on; the message says why and includes the node logs."""
@@ -91,51 +80,32 @@ def ros_args(params: dict[str, Any]) -> list[str]:
             text = str(value).lower()
         elif isinstance(value, (list, tuple)):
             text = "[" + ",".join(repr(float(v)) if isinstance(v, float) else str(v) for v in value) + "]"
-        elif isinstance(value, float):
-            text = repr(value)
         else:
-            text = str(value)
+            text = repr(value) if isinstance(value, float) else str(value)
         out += ["-p", f"{key}:={text}"]
     return out
 
 
-def policy_node_params(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """(policy_node parameters, extra environment) for one model spec.
-
-    Default: the checkpoint through refinevla_core.demo.node_policy (policy_factory), which passes cut-off generated
-    rationales on (see its docstring); `"policy_via": "checkpoint"` uses policy_node's own `checkpoint` parameter,
-    with the PolicyConfig keys under `policy.` where the node has them."""
-    from refinevla_ros.policy_node import PolicyNodeConfig
-
-    checkpoint = str(Path(model["checkpoint"]).resolve())
-    if model.get("policy_via", "factory") == "factory":
-        env = {"REFINEVLA_DEMO_POLICY": json.dumps({
-            "checkpoint": checkpoint, "rationale_mode": model["rationale_mode"],
-            "rationale_every_n": int(model.get("rationale_every_n", 10)), "seed": int(model.get("seed", 0)),
-            "torch_threads": 1})}
-        return {**POLICY_NODE_PARAMS, "policy_factory": "refinevla_core.demo.node_policy:from_env"}, env
-    names = {f.name for f in dataclasses.fields(PolicyNodeConfig)}
-    prefix = "policy." if "policy" in names else ""
-    params = {**POLICY_NODE_PARAMS, "checkpoint": checkpoint,
-              f"{prefix}rationale_mode": model["rationale_mode"],
-              f"{prefix}rationale_every_n": int(model.get("rationale_every_n", 10)),
-              f"{prefix}seed": int(model.get("seed", 0))}
-    if prefix:
-        params["policy.torch_threads"] = 1
-    return params, {}
+def policy_node_params(model: dict[str, Any]) -> dict[str, Any]:
+    """policy_node parameters for one model: the evaluation settings of refinevla eval --via ros-policy-node (one step
+    per image stamp, no watchdog hold while the lockstep simulator waits, the simulator's own per-step limits), the
+    checkpoint, and its rationale mode (PolicyConfig keys under `policy.`)."""
+    return {**POLICY_NODE_EVAL_PARAMS, "device": "cpu", "checkpoint": str(Path(model["checkpoint"]).resolve()),
+            "policy.rationale_mode": model["rationale_mode"],
+            "policy.rationale_every_n": int(model.get("rationale_every_n", 10)),
+            "policy.seed": int(model.get("seed", 0)), "policy.torch_threads": 1}
 
 
 class NodeProcess:
-    """A node module in its own process and session, output to a log file; stopped with SIGINT, killed if stuck."""
+    """A node command in its own process and session, output to a log file; stopped with SIGINT, killed if stuck."""
 
-    def __init__(self, module: str, params: dict[str, Any], log_path: Path, env: dict[str, str] | None = None
-                 ) -> None:
+    def __init__(self, command: list[str], log_path: Path) -> None:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("wb")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", module, "--ros-args", *ros_args(params)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=env)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -385,8 +355,7 @@ def run_lane(spec: dict[str, Any]) -> None:
     os.environ["ROS_DOMAIN_ID"] = str(domain)  # the node processes inherit it
     work = Path(spec["work_dir"])
     work.mkdir(parents=True, exist_ok=True)
-    bridge_params = {**{f"sim.{k}": v for k, v in dataclasses.asdict(sim).items()}, **BRIDGE_PARAMS}
-    bridge = NodeProcess("refinevla_ros.sim_bridge_node", bridge_params, work / "sim_bridge.log")
+    bridge = NodeProcess(bridge_command(sim, privileged_state=False), work / "sim_bridge.log")
     ctx = Context()
     rclpy.init(context=ctx, domain_id=domain)
     driver = LaneDriver(ctx, float(spec.get("step_timeout_s", 120.0)))
@@ -408,8 +377,9 @@ def run_lane(spec: dict[str, Any]) -> None:
             todo = [s for s in seeds if s not in done_seeds(episodes_path)]
             if not todo:
                 continue
-            params, env = policy_node_params(model)
-            policy = NodeProcess("refinevla_ros.policy_node", params, out / "logs" / "policy_node.log", env)
+            command = [sys.executable, "-m", "refinevla_ros.policy_node", "--ros-args",
+                       *ros_args(policy_node_params(model))]
+            policy = NodeProcess(command, out / "logs" / "policy_node.log")
             try:
                 driver.wait_for_policy_node(check)
                 print(f"[demo_eval] {model['name']}: policy_node active", flush=True)

@@ -1,24 +1,19 @@
 """refinevla demo's parts that need no simulator: the config (full vs quick), the stage cache (skip, resume, redo),
-the output-folder guard, the collection shards, the report's claims, and the policy_node adapter for cut-off
-rationales. The end-to-end run is test/sim/test_demo.py."""
+the output-folder guard, the collection shards and the report's claims. The end-to-end run is test/sim/test_demo.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from refinevla_core.config import ConfigError, parse_overrides
 from refinevla_core.demo.cache import StageCache, fingerprint
 from refinevla_core.demo.config import CollectSettings, load_demo_config
 from refinevla_core.demo.data import shard_plan
-from refinevla_core.demo.node_policy import DemoNodePolicy, PartialRationale
 from refinevla_core.demo.pipeline import DemoError, _check_out
 from refinevla_core.demo.report import diagnostic_claims, success_claims
-from refinevla_core.inference.types import PolicyOutput
-from refinevla_core.rationale import Rationale
 
 
 # ---- config ------------------------------------------------------------------------------------------------------
@@ -165,50 +160,6 @@ def test_diagnostic_claim_orders_the_errors_and_calls_ties():
                 "aux": {"diagnostic": {"frames": 8, "action_only": l1(0.2), "mean_action": l1(0.4)}}}
     (text,) = diagnostic_claims(analyses, claims=True)
     assert text.startswith("cot:") and "the teacher's rationale fed in (0.1000) <" in text and " = " in text
-
-
-# ---- the policy_node adapter -------------------------------------------------------------------------------------
-def test_partial_rationale_keeps_the_sections_there_and_the_raw_text():
-    text = "Observation: a blue cube.\nSituation Analysis: The task is to push the"
-    p = PartialRationale.from_text(text)
-    assert (p.observation, p.situation_analysis, p.spatial_reasoning, p.task_planning) == (
-        "a blue cube.", "The task is to push the", "", "")
-    assert p.text() == text
-    assert PartialRationale.from_text("garbage ((((").text() == "garbage (((("
-
-
-class _FixedPolicy:
-    def __init__(self, output: PolicyOutput) -> None:
-        self.output, self.resets = output, 0
-
-    def predict(self, image, instruction):
-        return self.output
-
-    def reset(self):
-        self.resets += 1
-
-
-def test_node_policy_fills_in_only_unparsed_text():
-    cut = _FixedPolicy(PolicyOutput(action=np.zeros(7, np.float32), rationale_text="Observation: a cube."))
-    wrapped = DemoNodePolicy(cut)
-    out = wrapped.predict(np.zeros((8, 8, 3), np.uint8), "push")
-    assert isinstance(out.rationale, PartialRationale) and out.rationale.observation == "a cube."
-    full = Rationale("a", "b", "c", "d")
-    parsed = DemoNodePolicy(_FixedPolicy(PolicyOutput(action=np.zeros(7, np.float32), rationale=full,
-                                                      rationale_text=full.text())))
-    assert parsed.predict(np.zeros((8, 8, 3), np.uint8), "push").rationale is full
-    silent = DemoNodePolicy(_FixedPolicy(PolicyOutput(action=np.zeros(7, np.float32))))
-    assert silent.predict(np.zeros((8, 8, 3), np.uint8), "push").rationale is None
-    wrapped.reset()
-    assert cut.resets == 1
-
-
-def test_node_policy_factory_names_its_variable(monkeypatch):
-    from refinevla_core.demo.node_policy import ENV_VAR, from_env
-
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    with pytest.raises(RuntimeError, match=ENV_VAR):
-        from_env()
 
 
 def test_repo_config_is_the_default():
