@@ -36,9 +36,10 @@ def sim_settings(collect: CollectSettings, settings: EvalSettings) -> dict[str, 
             "max_steps": settings.max_steps, "instruction_mode": collect.instruction_mode}
 
 
-def loopback_env() -> dict[str, str]:
-    """DDS restricted to this machine when the loopback profile is installed (the demo talks to nothing else)."""
-    env = child_env()
+def loopback_env(log_dir: Path) -> dict[str, str]:
+    """DDS restricted to this machine when the loopback profile is installed (the demo talks to nothing else); the
+    nodes' ROS logs under the demo folder."""
+    env = {**child_env(), "ROS_LOG_DIR": str(log_dir)}
     profile = os.environ.get("REFINEVLA_FASTDDS_LOOPBACK") or str(
         Path(sys.prefix) / "share" / "refinevla" / "fastdds_loopback.xml")
     if Path(profile).is_file():
@@ -84,7 +85,7 @@ def evaluate_models(models: list[ModelSettings], checkpoints: dict[str, str], co
         spec_path.write_text(json.dumps(spec, indent=1))
         log = (eval_dir / f"lane_{k}.log").open("ab")
         proc = subprocess.Popen([sys.executable, "-m", "refinevla_ros.demo_eval", "--spec", str(spec_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env=loopback_env())
+                                stdout=log, stderr=subprocess.STDOUT, env=loopback_env(eval_dir / "ros_logs"))
         procs.append((proc, log, eval_dir / f"lane_{k}.log"))
     total = settings.episodes * len(models)
     bar = tqdm(total=total, desc="evaluate (ROS nodes)", unit="ep", disable=not progress, file=sys.stderr,
