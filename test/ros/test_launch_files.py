@@ -241,3 +241,92 @@ def _wait_for(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def node_ros_args(launch: LaunchFile, node: dict, arguments: dict[str, str]) -> tuple[str, list[str]]:
+    """What `ros2 launch` would run for a refinevla Node action: (module, --ros-args ...), launch arguments resolved
+    from their declared defaults and `arguments`. Lets the graph run here, where `launch` is not installable."""
+    defaults = {}
+    for stmt in launch.tree.body:
+        if isinstance(stmt, ast.Assign) and any(getattr(t, "id", "") == "ARGUMENTS" for t in stmt.targets):
+            defaults = {row[0]: row[1] for row in _const(stmt.value)}
+    values = {**defaults, **arguments}
+
+    def resolve(expr: ast.expr) -> str:
+        if isinstance(expr, ast.Call) and _name(expr.func) == "ParameterValue":
+            return resolve(expr.args[0])
+        if isinstance(expr, ast.Call) and _name(expr.func) in ("arg", "LaunchConfiguration"):
+            return values[_const(expr.args[0])]
+        if isinstance(expr, ast.List):
+            return "".join(resolve(e) for e in expr.elts)
+        if isinstance(expr, ast.Name):  # a local variable of generate_launch_description, e.g. camera_topic
+            assigned = [a.value for a in ast.walk(launch.tree) if isinstance(a, ast.Assign)
+                        and any(getattr(t, "id", "") == expr.id for t in a.targets)]
+            return resolve(assigned[0])
+        value = _const(expr)
+        assert value is not None, f"cannot resolve {ast.dump(expr)}"
+        return str(value)
+
+    exe, name = _const(node["executable"]), _const(node["name"])
+    args = ["-r", f"__node:={name}"]
+    for rel in launch.parameter_files(node):
+        args += ["--params-file", str(ROOT / rel)]
+    for key, expr in launch.inline_parameters(node).items():
+        value = resolve(expr)
+        if value != "":  # an empty string is the parameter files' and the dataclasses' default already
+            args += ["-p", f"{key}:={value}"]
+    for pair in getattr(node.get("remappings"), "elts", []):
+        source, target = pair.elts
+        args += ["-r", f"{_const(source)}:={resolve(target)}"]
+    return NODE_CONFIGS[exe][2], args
+
+
+def test_widowx_launch_graph_runs_as_launched_with_a_remapped_camera(tmp_path):
+    """widowx.launch.py's two nodes with its parameters and remappings (camera_topic:=/wrist/image), a stand-in
+    policy and no Interbotix (dry run): images on the remapped topic drive the dry-run arm."""
+    import numpy as np
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+
+    from refinevla_ros.conversions import rgb_to_image
+    from refinevla_ros.policy_node import INSTRUCTION_QOS
+    from test.ros.rosutil import peer_node, spin_until
+
+    launch = LaunchFile(ROOT / "launch" / "widowx.launch.py")
+    arguments = {"policy_factory": "test.ros.policies:image_mean_policy", "camera_topic": "/wrist/image",
+                 "control_rate_hz": "10.0"}
+    commands = {_const(n["executable"]): node_ros_args(launch, n, arguments) for n in refinevla_nodes(launch)}
+    assert set(commands) == {"policy_node", "widowx_node"}
+    with peer_node("widowx_launch_peer") as (node, ex):
+        node.create_publisher(String, "/refinevla/instruction", INSTRUCTION_QOS).publish(String(data="reach"))
+        camera = node.create_publisher(Image, "/wrist/image", 10)
+        image = rgb_to_image(np.full((24, 32, 3), 128, dtype=np.uint8))
+        with node_process(*commands["widowx_node"]) as arm, node_process(*commands["policy_node"]) as policy:
+            assert spin_until(ex, lambda: "dry run: would move" in arm.output(), 90,
+                              every=lambda: camera.publish(image)), policy.output() + arm.output()
+            assert "DRY RUN" in arm.output() and "without a robot connection" in arm.output()
+            assert "camera /wrist/image" in policy.output()
+            assert "refused" not in arm.output(), "deltas arrive in the arm's frame (wx250s/base_link)"
+
+
+@pytest.mark.slow
+@pytest.mark.sim
+def test_sim_launch_graph_runs_as_launched():
+    """sim.launch.py's sim_bridge_node + policy_node with its parameters: lock-step episodes advance."""
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+    from refinevla.msg import EpisodeStatus
+    from test.ros.rosutil import peer_node, spin_until
+
+    if not os.environ.get("VK_ICD_FILENAMES") and not os.path.exists("/usr/share/vulkan/icd.d"):
+        pytest.skip("no Vulkan driver: source .venv/refinevla_env.sh (./setup.sh installs lavapipe)")
+    launch = LaunchFile(ROOT / "launch" / "sim.launch.py")
+    commands = {_const(n["executable"]): node_ros_args(launch, n, {
+        "policy_factory": "test.ros.policies:image_mean_policy", "image_size": "64"}) for n in refinevla_nodes(launch)}
+    statuses: list[EpisodeStatus] = []
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    with peer_node("sim_launch_peer") as (node, ex):
+        node.create_subscription(EpisodeStatus, "/refinevla/episode_status", statuses.append, qos)
+        with node_process(*commands["sim_bridge_node"]) as sim, node_process(*commands["policy_node"]) as policy:
+            assert spin_until(ex, lambda: any(s.step >= 5 for s in statuses), 240), sim.output() + policy.output()
+            assert sim.alive() and policy.alive()
