@@ -15,6 +15,7 @@ TEST_IMAGE_SIZE = 64
 
 
 def _backend(**kwargs) -> SimBackend:
+    pytest.importorskip("mani_skill", reason="ManiSkill3 is not installed (./setup.sh with WITH_SIM=1)")
     if not os.environ.get("VK_ICD_FILENAMES") and not os.path.exists("/usr/share/vulkan/icd.d"):
         pytest.skip("no Vulkan driver: source .venv/refinevla_env.sh (./setup.sh installs lavapipe)")
     import torch

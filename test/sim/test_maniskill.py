@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
 
 from refinevla_core.annotation.sim_teacher import validate_state
 from refinevla_core.sim.backend import SimError, validate_action
@@ -20,6 +19,9 @@ from refinevla_core.sim.maniskill import (
     rpy_to_matrix,
     xyz_intrinsic_to_matrix,
 )
+
+# scipy comes with the sim extras (mani-skill): a reference for the rotation conventions
+Rotation = pytest.importorskip("scipy.spatial.transform").Rotation
 
 
 def test_rotation_helpers_match_scipy():
