@@ -7,13 +7,12 @@ Lock-step by default: the bridge steps once per action computed from its current
 step per new image (control_rate_hz:=0.0), so results do not depend on the machine's speed.
 """
 
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
-
-from launch import LaunchDescription
 
 ARGUMENTS = [
     ("checkpoint", "", "checkpoint folder written by `refinevla train`"),
@@ -26,6 +25,7 @@ ARGUMENTS = [
     ("control_rate_hz", "0.0", "policy steps per second; 0.0 = one per new image (lock-step)"),
     ("image_timeout_s", "60.0", "simulated time stands still while the policy thinks: a long watchdog"),
     ("auto_reset", "true", "start the next episode when one is done"),
+    ("action_timeout_s", "0.0", "bridge: hold after this long without an action (0.0: wait; control_rate needs > 0)"),
 ]
 
 
@@ -42,6 +42,7 @@ def generate_launch_description() -> LaunchDescription:
             "first_seed": ParameterValue(arg("first_seed"), value_type=int),
             "step_mode": ParameterValue(arg("step_mode"), value_type=str),
             "auto_reset": ParameterValue(arg("auto_reset"), value_type=bool),
+            "action_timeout_s": ParameterValue(arg("action_timeout_s"), value_type=float),
         }],
     )
     policy = Node(
@@ -51,6 +52,7 @@ def generate_launch_description() -> LaunchDescription:
         output="screen",
         parameters=[
             PathJoinSubstitution([FindPackageShare("refinevla"), "config", "policy.yaml"]),
+            PathJoinSubstitution([FindPackageShare("refinevla"), "config", "policy_sim.yaml"]),
             {
                 "checkpoint": ParameterValue(arg("checkpoint"), value_type=str),
                 "policy_factory": ParameterValue(arg("policy_factory"), value_type=str),

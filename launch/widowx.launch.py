@@ -8,6 +8,7 @@ start_arm_driver:=true includes the Interbotix driver launch here instead; start
 Both need their packages installed; the policy and widowx nodes are this package's executables (scripts/).
 """
 
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
 from launch.conditions import IfCondition
 from launch.launch_description_sources import PythonLaunchDescriptionSource
@@ -15,8 +16,6 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
-
-from launch import LaunchDescription
 
 ARGUMENTS = [
     ("checkpoint", "", "checkpoint folder written by `refinevla train`"),

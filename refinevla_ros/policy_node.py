@@ -55,7 +55,7 @@ from std_srvs.srv import SetBool, Trigger
 from refinevla.msg import Action, EndEffectorDelta
 from refinevla.msg import Rationale as RationaleMsg
 from refinevla_core.config import ConfigError
-from refinevla_core.inference.policy import Policy, PolicyConfig
+from refinevla_core.inference.config import PolicyConfig
 from refinevla_core.rationale import Rationale
 from refinevla_core.safety import ActionGuard, GuardedStep, SafetyConfig, StaleImageWatchdog
 from refinevla_ros.conversions import (
@@ -140,6 +140,8 @@ def load_policy(cfg: PolicyNodeConfig) -> Any:
         if not path.exists():
             raise PolicyLoadError(f"checkpoint {path} does not exist; pass checkpoint:=<folder written by "
                                   "`refinevla train`>")
+        from refinevla_core.inference.policy import Policy  # torch only when a checkpoint is loaded
+
         policy = Policy.from_checkpoint(path, device=cfg.device, config=cfg.policy)
     else:
         raise PolicyLoadError("no policy: set the parameter checkpoint:=<checkpoint folder> (or policy_factory:="

@@ -23,49 +23,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from refinevla_core.config import ConfigError
+from refinevla_core.inference.config import PolicyConfig, RationaleMode  # noqa: F401  (re-exported)
 from refinevla_core.inference.types import PolicyOutput
 from refinevla_core.rationale import Rationale, RationaleError, parse_rationale
-
-RationaleMode = Literal["action_only", "every_step", "every_n"]
-
-
-@dataclass
-class PolicyConfig:
-    """Inference settings (the ROS policy node mirrors these as parameters, so no field is None)."""
-
-    rationale_mode: RationaleMode = "every_n"
-    rationale_every_n: int = 10
-    seed: int = 0  # seeds sampling (do_sample); greedy decoding is deterministic anyway
-    max_rationale_tokens: int = 0  # 0: the checkpoint's max_rationale_tokens
-    do_sample: bool = False
-    temperature: float = 1.0
-    dtype: str = ""  # "": the checkpoint's dtype; or "float32", "bfloat16", "float16"
-    torch_threads: int = 0  # torch.set_num_threads at load (0: leave torch's default)
-    verify: Literal["auto", "size", "sha256"] = "auto"  # checkpoint file verification at load
-
-    def __post_init__(self) -> None:
-        if self.rationale_mode not in ("action_only", "every_step", "every_n"):
-            raise ConfigError(
-                f"rationale_mode {self.rationale_mode!r} is not one of ['action_only', 'every_step', 'every_n']"
-            )
-        if self.rationale_every_n < 1:
-            raise ConfigError(f"rationale_every_n must be >= 1, got {self.rationale_every_n}")
-        if self.max_rationale_tokens < 0:
-            raise ConfigError(
-                f"max_rationale_tokens must be >= 1 (or 0: the checkpoint's), got {self.max_rationale_tokens}"
-            )
-        if self.dtype not in ("", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype {self.dtype!r} is not one of '', 'float32', 'bfloat16', 'float16'")
-        if self.torch_threads < 0:
-            raise ConfigError(f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -95,6 +61,7 @@ class Policy:
             raise ConfigError("the model has no action statistics; load it from a checkpoint (stats.json)")
         self._cache: dict[int, _Cached] = {}
         self._step = 0
+        self._last_instruction = ""
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", config: PolicyConfig | None = None) -> Policy:
@@ -125,7 +92,18 @@ class Policy:
         self._step = 0
 
     def predict(self, image: np.ndarray, instruction: str) -> PolicyOutput:
+        self._last_instruction = instruction
         return self.predict_batch([image], [instruction])[0]
+
+    def attention_overlay(self, image: np.ndarray, instruction: str | None = None, layers: Any = "last") -> np.ndarray:
+        """HxWx3 uint8: `image` with the action tokens' attention over its patches blended on top (what the policy
+        node publishes on /refinevla/attention_overlay). Uses the last predicted instruction when none is given."""
+        from refinevla_core.attention import action_attention
+
+        text = instruction or self._last_instruction
+        if not text:
+            raise ValueError("attention_overlay needs an instruction (none given and nothing predicted yet)")
+        return np.asarray(action_attention(self.model, image, text, layers=layers).overlay(image))
 
     def _due(self, row: int, instruction: str) -> bool:
         mode = self.config.rationale_mode

@@ -95,3 +95,19 @@ def test_refinevla_attention_command(tmp_path, capsys):
     rc = main(["attention", "--checkpoint", str(tmp_path / "none"), "--image", str(tmp_path / "frame.png"),
                "--instruction", "x", "--out", str(tmp_path / "y.png")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_policy_attention_overlay_is_the_maps_overlay_for_the_last_instruction():
+    """What policy_node publishes on /refinevla/attention_overlay when publish_attention is on."""
+    from refinevla_core.inference.policy import Policy, PolicyConfig
+
+    model = tiny_vla()
+    policy = Policy(model, PolicyConfig(rationale_mode="action_only"))
+    image = example_image()
+    with pytest.raises(ValueError, match="needs an instruction"):
+        policy.attention_overlay(image)
+    policy.predict(image, INSTRUCTION)
+    overlay = policy.attention_overlay(image)
+    expected = np.asarray(action_attention(model, image, INSTRUCTION).overlay(image))
+    assert overlay.shape == image.shape and overlay.dtype == np.uint8
+    np.testing.assert_array_equal(overlay, expected)

@@ -20,13 +20,13 @@ try:
 except (LookupError, ValueError):
     pytest.skip("refinevla is not installed in the sourced ROS 2 workspace (colcon build)", allow_module_level=True)
 
+from launch import LaunchDescription  # noqa: E402
 from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
 
-from launch import LaunchDescription  # noqa: E402
 from refinevla.msg import EndEffectorDelta  # noqa: E402
 from refinevla_ros.conversions import rgb_to_image  # noqa: E402
 from refinevla_ros.policy_node import INSTRUCTION_QOS  # noqa: E402
