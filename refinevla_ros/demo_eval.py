@@ -27,6 +27,7 @@ POLICY_NODE_EVAL_PARAMS), so the demo's numbers and that command's agree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -218,6 +219,15 @@ class LaneDriver:
             check()
             self.executor.spin_once(timeout_sec=0.01)
 
+    def wait_policy_node_gone(self, check: Callable[[], None], timeout_s: float = 30.0) -> None:
+        """After stopping a policy node: its publisher leaves the graph before the next model's node starts."""
+        try:
+            self.spin_until(lambda: self.node.count_publishers(EE_DELTA_TOPIC) == 0, "", timeout_s, check)
+        except TimeoutError:
+            raise LaneError(f"{self.node.count_publishers(EE_DELTA_TOPIC)} EE-delta publisher(s) still on ROS domain "
+                            f"{os.environ.get('ROS_DOMAIN_ID')} {timeout_s:.0f} s after policy_node stopped: another "
+                            "process publishes robot commands there; stop it and rerun") from None
+
     def check_isolation(self, check: Callable[[], None], grace_s: float = 5.0) -> None:
         """This lane's bridge and policy node are the only ones on the domain (a policy node stopped a moment ago
         may linger in the graph for a little while: it gets `grace_s`)."""
@@ -273,6 +283,10 @@ class LaneDriver:
                                 f"{seen - 1})")
             check()
             self.executor.spin_once(timeout_sec=0.01)
+        # the Action of the last step may arrive just after the final status: wait for it (briefly)
+        stamps = [stamp_ns(s.header.stamp) for s in self.statuses if s.episode == episode and not s.done]
+        with contextlib.suppress(TimeoutError):
+            self.spin_until(lambda: all(ns in self.actions for ns in stamps), "", 2.0, check)
         return self._record(seed, response.instruction, episode, retries, time.perf_counter() - started)
 
     def _status(self, episode: int, step: int | None = None, done: bool = False) -> EpisodeStatus | None:
@@ -396,6 +410,7 @@ def run_lane(spec: dict[str, Any]) -> None:
             finally:
                 policy.stop()
                 policy = None
+            driver.wait_policy_node_gone(check)
     finally:
         driver.close()
         rclpy.shutdown(context=ctx)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +49,20 @@ def loopback_env(log_dir: Path) -> dict[str, str]:
     return env
 
 
+def isolated(command: list[str]) -> tuple[list[str], str]:
+    """`command` in a private network namespace holding only loopback when this system allows it (unshare -n as root,
+    else unshare -rn in a user namespace): no other process on the machine — a test, another demo, a robot's nodes —
+    can then share the lane's DDS traffic, whatever ROS domain it uses. Without unshare the lane still picks an empty
+    ROS domain and checks it before every episode. Returns (command, how it is isolated)."""
+    if shutil.which("unshare") and shutil.which("ip"):
+        for flags in ("-n", "-rn"):
+            probe = subprocess.run(["unshare", flags, "bash", "-c", "ip link set lo up"], capture_output=True)
+            if probe.returncode == 0:
+                wrapped = ["unshare", flags, "bash", "-c", 'ip link set lo up && exec "$0" "$@"', *command]
+                return wrapped, "a private network namespace (loopback only)"
+    return command, "the host network, on a ROS domain no other node uses (checked before every episode)"
+
+
 def count_lines(path: Path) -> int:
     try:
         return sum(1 for line in path.read_text().splitlines() if line.strip().endswith("}"))
@@ -72,6 +87,7 @@ def evaluate_models(models: list[ModelSettings], checkpoints: dict[str, str], co
     lanes = max(1, min(settings.lanes, len(models)))
     domains = random.Random(f"{os.getpid()}:{time.time()}").sample(range(1, 101), 100)
     procs = []
+    isolation = ""
     for k in range(lanes):
         lane_models = [m for i, m in enumerate(models) if i % lanes == k]
         if not lane_models:
@@ -84,8 +100,10 @@ def evaluate_models(models: list[ModelSettings], checkpoints: dict[str, str], co
         spec_path = eval_dir / f"lane_{k}.json"
         spec_path.write_text(json.dumps(spec, indent=1))
         log = (eval_dir / f"lane_{k}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "refinevla_ros.demo_eval", "--spec", str(spec_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env=loopback_env(eval_dir / "ros_logs"))
+        command, isolation = isolated([sys.executable, "-m", "refinevla_ros.demo_eval", "--spec", str(spec_path)])
+        log.write(f"[demo] lane {k} runs in {isolation}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=loopback_env(eval_dir / "ros_logs"))
         procs.append((proc, log, eval_dir / f"lane_{k}.log"))
     total = settings.episodes * len(models)
     bar = tqdm(total=total, desc="evaluate (ROS nodes)", unit="ep", disable=not progress, file=sys.stderr,
@@ -119,6 +137,8 @@ def evaluate_models(models: list[ModelSettings], checkpoints: dict[str, str], co
             pool.shutdown(cancel_futures=True)
         bar.close()
     out = {"models": {m.name: summarise_model(eval_dir / m.name, m, settings) for m in models}}
+    for summary in out["models"].values():
+        summary["isolation"] = isolation
     if reference_summary is not None:
         out["references"] = reference_summary
     return out

@@ -239,7 +239,8 @@ def write_report(out: Path, context: dict[str, Any]) -> dict[str, Any]:
                   "last L_rationale", "val action L1 (teacher-forced)", "val L1 of the mean action",
                   "val rationale token acc"]
     success_head = ["policy", "how it ran", "success (Wilson 95 %)", "solved at last step", "mean steps"]
-    success_table = [[n, r["via"] + (f", rationale mode {r['rationale_mode']}" if "rationale_mode" in r else ""),
+    success_table = [[n, r["via"] + (f", rationale mode {r['rationale_mode']}" if "rationale_mode" in r else "")
+                      + (f"; in {r['isolation']}" if r.get("isolation") else ""),
                       r["text"], r.get("final_successes", "–"), r["mean_steps"]] for n, r in success_rows]
     diag_head = ["model", "order", "frames", "L1 no rationale", "L1 own rationale", "L1 teacher's rationale fed",
                  "L1 mean action", "xyz: no / own / teacher / mean"]
