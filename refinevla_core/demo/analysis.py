@@ -88,6 +88,8 @@ def forced_rationale_diagnostic(model: Any, samples: list[Any], has_rationale: b
             "exact_match_teacher_target": sum(g == t for g, t in zip(texts, teacher, strict=True)) / len(texts),
             "phase_stated": sum(g is not None for g, _ in known), "phase_frames": len(known),
             "phase_agreement": (sum(g == t for g, t in known) / len(known)) if known else None,
+            # what always stating the most common teacher phase would score: the base rate of the agreement
+            "phase_base_rate": (max(sum(t == p for _, t in known) for _, p in known) / len(known)) if known else None,
             "mean_chars": float(np.mean([len(t) for t in texts])),
         }
     return out

@@ -176,7 +176,7 @@ def run_demo(config: DemoConfig, out: Path, progress: bool = True, until: str | 
             "example_frames": a.example_frames, "diagnostic_frames": a.diagnostic_frames,
             "latency_steps": a.latency_steps, "every_n": e.rationale_every_n, "out_dir": str(analysis_dir / m.name)}
     items = {n: (fingerprint("analysis", fp_train[s["name"]], {k: v for k, v in s.items() if k != "checkpoint"},
-                             "v1"), [analysis_dir / s["name"]]) for n, s in specs.items()}
+                             "v2"), [analysis_dir / s["name"]]) for n, s in specs.items()}
     try:
         analysed = cache.run_group(items, lambda names: _analyse([specs[n] for n in names], a.workers, progress))
     except Exception as err:
@@ -188,7 +188,7 @@ def run_demo(config: DemoConfig, out: Path, progress: bool = True, until: str | 
 
     # 6 report -------------------------------------------------------------------------------------------------
     _stage(6, "report", f"{report_dir / 'index.html'}")
-    fp_report = fingerprint("report", [o.fingerprint for o in cache.outcomes], "v1")
+    fp_report = fingerprint("report", [o.fingerprint for o in cache.outcomes], "v3")
     from refinevla_core.bench import machine_info
 
     def report() -> dict[str, Any]:

@@ -175,6 +175,14 @@ def diagnostic_claims(analyses: dict[str, dict[str, Any]], claims: bool) -> list
         if not claims:
             text += " (Quick mode: a model trained for a few dozen steps; this only shows the diagnostic runs.)"
         out.append(text)
+    if claims:
+        for name, a in analyses.items():
+            d = a["diagnostic"]
+            plain, mean = d["action_only"]["l1_xyz"], d["mean_action"]["l1_xyz"]
+            if plain > mean:
+                out.append(f"{name}: its actions (no rationale) are further from the expert's than always predicting "
+                           f"the mean action ({plain:.4f} vs {mean:.4f} translation L1): at this budget it has not "
+                           "learned to act from the image.")
     return out
 
 
@@ -281,7 +289,8 @@ def write_report(out: Path, context: dict[str, Any]) -> dict[str, Any]:
         r = a["diagnostic"].get("rationales")
         if r:
             rationale_stats.append([name, r["frames"], r["distinct_generated"], r["most_common_share"],
-                                    r["phase_agreement"], r["exact_match_teacher_target"]])
+                                    r["phase_agreement"], r.get("phase_base_rate"),
+                                    r["exact_match_teacher_target"]])
     mrt = int(config["train"]["max_rationale_tokens"])
     limits = [
         f"Models: the tiny random-init preset (~{first['parameters'] / 1e6:.1f} M parameters), trained from scratch "
@@ -356,7 +365,7 @@ def write_report(out: Path, context: dict[str, Any]) -> dict[str, Any]:
     curve_links = " ".join(f"<a href='loss_curve_{n}.png'>{html.escape(n)}</a>" for n in train)
     no_diag = ["No model of this run writes its rationale before the action, so there is no rationale to force."]
     stats_head = ["model", "frames", "distinct generated", "share of the most common", "phase agrees with teacher",
-                  "exact match of the trained text"]
+                  "agreement of always the commonest phase", "exact match of the trained text"]
     loop_table = (_table(["model", "seed", "step", "rationale"], loop_examples) if loop_examples
                   else "<p>policy_node published no rationale text in these episodes.</p>")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em} table{border-collapse:collapse;"
@@ -380,7 +389,9 @@ def write_report(out: Path, context: dict[str, Any]) -> dict[str, Any]:
         "generated rationale, and with the teacher's rationale (as trained) fed in its place. How to read it: an "
         "error lower with the teacher's rationale than with the model's own means the action head uses the "
         "rationale but the generated rationale is not grounded in the image; no difference means the action "
-        "ignores the rationale. The trainer's validation action L1 in the training table is close to (c) for the "
+        "ignores the rationale. For the rationale-first model, (a) is the mode it was trained in on only the "
+        "samples whose rationale was dropped (the rationale dropout). The trainer's validation action L1 in the "
+        "training table is close to (c) for the "
         "rationale-first model, but it also feeds the true previous action tokens; here all 7 action tokens are "
         "decoded greedily, as in the closed loop.</p>",
         _table(diag_head, diag_rows), f"<div class='claim'>{para(diag_text or no_diag)}</div></section>",
