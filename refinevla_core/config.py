@@ -154,7 +154,8 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return plain(obj)
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """data['a']['b'] = value for dotted 'a.b', creating the mappings on the way (config overrides)."""
     *parents, leaf = dotted.split(".")
     node = data
     for p in parents:
@@ -193,7 +194,7 @@ def load_config(
         data = loaded
         where = str(p)
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     try:
         return from_dict(cls, data, where=where)
     except ConfigError as e:

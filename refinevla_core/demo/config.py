@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from refinevla_core.config import ConfigError, from_dict
+from refinevla_core.config import ConfigError, from_dict, set_dotted
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.yaml"
 RationaleMode = Literal["action_only", "every_step", "every_n"]
@@ -152,16 +152,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = data
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {p} is not a mapping")
-    node[leaf] = value
-
-
 def load_demo_config(path: str | Path | None = None, quick: bool = False,
                      overrides: dict[str, Any] | None = None) -> DemoConfig:
     """DemoConfig from the YAML's `full` section, with `quick` merged over it when asked, then `overrides`."""
@@ -181,7 +171,7 @@ def load_demo_config(path: str | Path | None = None, quick: bool = False,
     if quick:
         data = _merge(data, loaded.get("quick") or {})
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return from_dict(DemoConfig, data, where=f"{p} [{'quick' if quick else 'full'}]")
 
 
