@@ -26,7 +26,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "infer": ("refinevla_core.bench.infer", 5),
     "train": ("refinevla_core.bench.train", 6),
     "ros": ("refinevla_ros.bench", 7),
-    "sim": ("refinevla_core.bench.sim", 8),
+    "sim": ("refinevla_ros.bench_sim", 8),  # drives sim_bridge_node: ROS code, so it lives in refinevla_ros
     "record": ("refinevla_ros.bench_record", 9),
 }
 

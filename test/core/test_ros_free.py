@@ -48,3 +48,20 @@ def test_blocker_really_blocks_rclpy():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0
     assert "blocked" in r.stderr
+
+
+def test_no_core_module_imports_ros_even_lazily():
+    """Function-level imports escape the import test above; the source must not name rclpy or ROS messages at all.
+    (Core code may hand over to refinevla_ros, e.g. `refinevla eval --via ros`; refinevla_ros owns the rclpy code.)"""
+    import ast
+
+    ros_packages = {"rclpy", "rcl_interfaces", "sensor_msgs", "std_msgs", "std_srvs", "builtin_interfaces",
+                    "diagnostic_msgs", "refinevla"}
+    offenders = []
+    for path in sorted((ROOT / "refinevla_core").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                          if n.split(".")[0] in ros_packages]
+    assert not offenders, offenders
