@@ -2,7 +2,7 @@
 
 Subscribes /refinevla/ee_delta (refinevla/msg/EndEffectorDelta) and /refinevla/gripper (std_msgs/Float64, Bridge
 convention 1.0 = open, 0.0 = closed) and drives the arm through interbotix_xs_modules' InterbotixManipulatorXS
-end-effector API, the way bridge_data_robot executed BridgeData V2 actions (see ../shared notes widowx-interbotix.md):
+end-effector API, the way bridge_data_robot executed BridgeData V2 actions:
 
 - each delta is clipped per axis (±0.05 m, ±0.25 rad by default) and composed onto the previous TARGET pose, not the
   measured one: translation along base axes, rotation about the end-effector point with base axes

@@ -2,7 +2,7 @@
 
 config/demo.yaml holds two sections: `full` (a complete DemoConfig) and `quick` (only the keys that differ, merged
 over `full`). `--set key=value` (dotted keys, e.g. `train.max_steps=400`) overrides either. The values were chosen by
-measurement on 2 shared CPU cores (../shared/notes/demo-feasibility.md and docs/demo.md): change them together with
+measurement on 2 shared CPU cores (docs/demo.md): change them together with
 the time budget they are checked against.
 """
 

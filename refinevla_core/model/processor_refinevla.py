@@ -19,7 +19,7 @@ Loss masks (aligned with `input_ids`/`labels`: position t holds the token predic
     rationale_then_action — the model must learn when to stop reasoning; <eos> in action_then_rationale).
   - `format_mask`: the <eos> that ends an action-only target.
 Format markers the Policy always *feeds* (<begin_action> where it opens the suffix, <begin_rationale>) carry label
--100: they are never generated. This is the fix for the "format text" bug in ../shared/notes/demo-feasibility.md
+-100: they are never generated. This fixes the "format text" bug
 (an unsupervised "Action: " that free generation replaced with action tokens): no position the Policy generates is
 left without a loss, and no position without a loss is ever generated.
 """

@@ -34,7 +34,7 @@ class FreezeConfig:
       - any other string: a regular expression searched in each layer's module name
         (e.g. "layers\\.([0-9]|1[0-7])$"); matching layers are frozen.
     `new_token_rows` says how the rows of the new action tokens learn while the embeddings are frozen
-    (see freezing.py and ../shared/notes/vla-offline.md §3, the tied-embedding pitfall):
+    (see freezing.py: the tied-embedding pitfall):
       - "head": only the output-head rows of those tokens train; at save time the head is written untied. No gradient
         reaches the frozen lower layers. The default.
       - "tied": one trainable row per token shared by the input embedding and the head (keeps the tie; costs a

@@ -4,7 +4,7 @@ ReFineVLA freezes the vision tower and the lower language layers and trains the 
 the vision tower, the projector (configurable), the token embeddings and the lower K language layers are frozen
 (K a count, a fraction, or a layer-name regex; see FreezeConfig).
 
-The tied-embedding pitfall (../shared/notes/vla-offline.md §3): PaliGemma ties the output head to the input
+The tied-embedding pitfall: PaliGemma ties the output head to the input
 embedding, so freezing the embeddings also freezes the head rows of the newly added action tokens, which start random
 and would never learn. Making the whole embedding trainable fixes that but sends gradients down through every frozen
 layer (the embedding output feeds layer 0), which costs as much activation memory as full fine-tuning. The default

@@ -1,6 +1,6 @@
 """Shared by the training tests: a tiny real transformers PaliGemma (Gemma2 text + SigLIP vision) and batches for it.
 
-Built exactly like the project's presets (../shared/notes/vla-offline.md §1) but smaller, so a training step takes
+Built exactly like the project's presets (refinevla_core/model/presets.py) but smaller, so a training step takes
 milliseconds; the trainer tests use the model engineer's tiny preset instead.
 """
 
