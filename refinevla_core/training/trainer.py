@@ -299,6 +299,9 @@ class Trainer:
                  f"{'LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else 'no LoRA'}, {cfg.precision}, "
                  f"{acc.num_processes} process(es) on {acc.device}")
         self.log(report.table())
+        from refinevla_core.training.precision import apply_training_precision
+
+        self.log(apply_training_precision(model.vlm, cfg.precision).describe())  # fp32 master weights
 
         train_eps, val_eps = split_episodes(len(dataset), cfg.val_fraction, cfg.seed)
         self.train_frames = EpisodeFrames(dataset, train_eps, seed=cfg.seed, rationale_dropout=cfg.rationale_dropout)
