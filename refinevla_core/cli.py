@@ -8,6 +8,7 @@ pretends to work.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import sys
@@ -36,6 +37,34 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand("refinevla_core.demo", "collect -> annotate -> train -> evaluate -> report, end to end", 9),
     "record": Subcommand("refinevla_ros.record", "record camera, instruction and actions from ROS 2 to a bag", 9),
     "bench": Subcommand("refinevla_core.bench", "benchmarks writing JSON + Markdown under benchmarks/", 3),
+}
+
+
+# Examples shown under each subcommand's --help (a module may set its own parser.epilog instead).
+EXAMPLES: dict[str, str] = {
+    "collect": """\
+  refinevla collect --task PushCube-v1 --episodes 50 --out data/pushcube
+  refinevla collect --task PushCube-v1 PickCube-v1 --episodes 100 --noise-fraction 0.3 --out data/mixed""",
+    "convert": """\
+  refinevla convert --bag bags/run1 bags/run2 --out data/widowx
+  refinevla convert --bag bags/run1 --out data/widowx --set image_topic=/wrist/image_raw --drop-bad-frames
+  refinevla convert --lerobot ~/lerobot/bridge --out data/bridge --set image_key=observation.images.image_0""",
+    "eval": """\
+  refinevla eval --checkpoint runs/tiny/final --tasks PushCube-v1 --episodes 30 --out eval/tiny
+  refinevla eval --policy expert --tasks PushCube-v1 PickCube-v1 --episodes 20
+  refinevla eval --checkpoint runs/tiny/final --via ros-policy-node   # sim_bridge_node + policy_node processes
+  refinevla eval --compare eval/a/report.json eval/b/report.json""",
+    "attention": """\
+  refinevla attention --checkpoint runs/tiny/final --image frame.png --instruction "push the cube" --out attn.png
+  refinevla attention --checkpoint runs/tiny/final --image frame.npy --instruction "push the cube" \\
+      --layers all --with-rationale --out attn_all.png""",
+    "demo": """\
+  refinevla demo --quick                                   # mechanics only, ~3 min -> runs/demo_quick
+  refinevla demo                                           # the full demo, ~25 min on 2 cores -> runs/demo
+  refinevla demo --set train.max_steps=400 --set eval.episodes=30 --out runs/demo_400""",
+    "record": """\
+  refinevla record --out bags/run1                         # the topics of config/bag_topics.yaml, until Ctrl-C
+  refinevla record --out bags/run2 --duration 60 --format sqlite3""",
 }
 
 
@@ -73,12 +102,48 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         )
         if built and name == command:
             importlib.import_module(spec.module).add_arguments(p)
+            if not p.epilog and name in EXAMPLES:
+                p.epilog = "examples:\n" + EXAMPLES[name]
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def unknown_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.ArgumentParser, str] | None:
+    """The first option no parser on the way knows, with the parser it was given to, so `--confg` is reported as
+    unknown (and its near miss named) instead of as a missing `--config` or under the top-level usage."""
+    current = parser
+    for token in argv:
+        if token == "--":
+            return None
+        if token.startswith("-") and len(token) > 1 and not token[1].isdigit():
+            option = token.split("=", 1)[0]
+            known = current._option_string_actions
+            if option not in known and not (option.startswith("--") and any(k.startswith(option) for k in known)):
+                return current, option
+        elif token in _subparsers(current):
+            current = _subparsers(current)[token]
+    return None
+
+
+def _did_you_mean(option: str, parser: argparse.ArgumentParser) -> str:
+    close = difflib.get_close_matches(option, [o for o in parser._option_string_actions if o.startswith("--")], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_selected_command(argv))
+    if _selected_command(argv) in SUBCOMMANDS and _module_exists(SUBCOMMANDS[_selected_command(argv)].module):
+        bad = unknown_option(parser, argv)
+        if bad is not None:
+            owner, option = bad
+            owner.error(f"unknown option {option}{_did_you_mean(option, owner)}")
     args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
@@ -92,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_NOT_BUILT
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(importlib.import_module(spec.module).run(args) or 0)
 
 

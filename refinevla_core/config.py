@@ -7,6 +7,8 @@ valid choices, instead of being silently ignored (a typo in `lambda_rationale` w
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +22,42 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override does not fit its dataclass."""
+
+
+# Where the preset YAML files live: the source checkout's config/, the copy shipped inside the wheel
+# (setup.py copies config/*.yaml to refinevla_core/presets/), and the ROS package share (colcon / ./setup.sh).
+CONFIG_DIRS = (
+    Path(__file__).resolve().parents[1] / "config",
+    Path(__file__).resolve().parent / "presets",
+    Path(sys.prefix) / "share" / "refinevla" / "config",
+)
+
+
+def available_configs(prefix: str = "") -> list[str]:
+    """Names of the shipped preset files starting with `prefix` (e.g. 'train_'), without '.yaml'."""
+    return sorted({f.stem for d in CONFIG_DIRS if d.is_dir() for f in d.glob(f"{prefix}*.yaml")})
+
+
+def find_config_file(name_or_path: str | Path, prefix: str = "") -> Path:
+    """A config file given as a path, or as a preset name from any folder: `train_tiny`, `tiny` (with prefix
+    'train_'), `train_tiny.yaml` or the repository-relative `config/train_tiny.yaml` all find the shipped preset."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "config"):
+        stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+        for directory in CONFIG_DIRS:
+            for candidate in (directory / f"{stem}.yaml", directory / f"{prefix}{stem}.yaml"):
+                if candidate.is_file():
+                    return candidate
+    names = available_configs(prefix)
+    hint = _did_you_mean(path.name.removesuffix(".yaml"), names)
+    raise ConfigError(f"config file {path} does not exist{hint}; shipped presets: {', '.join(names) or 'none'}")
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class RawOverride(str):
@@ -126,8 +164,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
+        hint = _did_you_mean(unknown[0], types_) if len(unknown) == 1 else ""
         raise ConfigError(
-            f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys for {cls.__name__}: {sorted(types_)}"
+            f"{where or cls.__name__}: unknown key(s) {unknown}{hint}; valid keys for {cls.__name__}: {sorted(types_)}"
         )
     kwargs = {k: _coerce(v, types_[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
     try:
@@ -154,6 +193,40 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return plain(obj)
 
 
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass a field holds (also through `X | None`), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else None
+    return tp if dataclasses.is_dataclass(tp) and isinstance(tp, type) else None
+
+
+def check_overrides(cls: type, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Command-line overrides with every key resolved against `cls` and every value coerced to its field's type.
+
+    Checked on their own, before they are merged into a YAML file's data, so a typo is blamed on the command line
+    ("command line: unknown key max_step (did you mean max_steps?)") and not on the file it was applied to.
+    """
+    out: dict[str, Any] = {}
+    for dotted, value in (overrides or {}).items():
+        tp: Any = cls
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            owner = _dataclass_in(tp)
+            if owner is None:
+                if typing.get_origin(tp) is dict or tp is Any:  # free-form mappings take any sub-key
+                    tp = Any
+                    break
+                raise ConfigError(f"command line: {dotted}: {'.'.join(parts[:i])} is not a section with sub-keys")
+            fields = _field_types(owner)
+            if part not in fields:
+                raise ConfigError(f"command line: unknown key {'.'.join(parts[: i + 1])}"
+                                  f"{_did_you_mean(part, fields)}; valid keys here: {sorted(fields)}")
+            tp = fields[part]
+        out[dotted] = _coerce(value, tp, f"command line: {dotted}")
+    return out
+
+
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """data['a']['b'] = value for dotted 'a.b', creating the mappings on the way (config overrides)."""
     *parents, leaf = dotted.split(".")
@@ -177,10 +250,9 @@ def load_config(
     """
     data: dict[str, Any] = {}
     where = cls.__name__
+    overrides = check_overrides(cls, overrides)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+        p = find_config_file(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -201,12 +273,13 @@ def load_config(
         raise ConfigError(str(e)) from None
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """Turn CLI `key=value` strings into an overrides mapping."""
+def parse_overrides(items: list[str] | None, example: str = "max_steps=100") -> dict[str, Any]:
+    """Turn CLI `key=value` strings into an overrides mapping; `example` is a valid override of the calling command,
+    shown when an item has no '='."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. training.lr=1e-4)")
+            raise ConfigError(f"command line: {item!r} must look like key=value (e.g. {example})")
         k, v = item.split("=", 1)
         out[k.strip()] = RawOverride(v)
     return out

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from refinevla_core.annotation.config import TEACHERS, AnnotationConfig, default_config_path
-from refinevla_core.config import ConfigError, load_config, parse_overrides
+from refinevla_core.annotation.config import TEACHERS, AnnotationConfig
+from refinevla_core.config import ConfigError, find_config_file, load_config, parse_overrides
 
 EXIT_ERROR = 1
 EXIT_FRAMES_FAILED = 4
@@ -84,13 +84,21 @@ FLAG_KEYS = ("teacher", "model", "base_url", "api_key_env", "every_k", "future_a
              "requests_per_minute", "max_retries", "max_reasks", "timeout_s", "json_mode")
 
 
+def _shipped_config() -> Path | None:
+    """The shipped config/annotation.yaml (source checkout, wheel or ROS share); None: the dataclass defaults."""
+    try:
+        return find_config_file("annotation")
+    except ConfigError:
+        return None
+
+
 def build_config(args: argparse.Namespace) -> AnnotationConfig:
     """Defaults <- YAML (--config or config/annotation.yaml) <- --set overrides <- explicit flags.
 
     --set values stay verbatim for text fields (a prompt like "Task: {instruction}" stays text), see RawOverride.
     """
-    path = args.config if args.config is not None else default_config_path()
-    overrides: dict[str, Any] = parse_overrides(args.overrides)
+    path = args.config if args.config is not None else _shipped_config()
+    overrides: dict[str, Any] = parse_overrides(args.overrides, example="temperature=0")
     for key in FLAG_KEYS:
         value = getattr(args, key, None)
         if value is not None:

@@ -1,8 +1,8 @@
 """`refinevla bench <what>`: performance measured as ratios against a baseline run in the same process and moment.
 
 Each benchmark is a module `refinevla_core.bench.<what>` with ``add_arguments(parser)`` and ``run(args) -> dict``
-(the result). This module dispatches and writes the result as JSON + Markdown under benchmarks/, with the machine it
-ran on, because a ratio without its machine is not a result.
+(the result). This module dispatches and writes the result as JSON + Markdown under runs/bench/ (`--out benchmarks`
+updates the committed results), with the machine it ran on, because a ratio without its machine is not a result.
 """
 
 from __future__ import annotations
@@ -111,9 +111,23 @@ def write_result(name: str, result: dict[str, Any], out_dir: Path) -> tuple[Path
     return paths[0], paths[1]
 
 
+DEFAULT_OUT = Path("runs") / "bench"  # not benchmarks/: a casual run must not overwrite the committed results
+
+EPILOG = """\
+examples:
+  refinevla bench infer --presets tiny              # writes runs/bench/infer.json and .md
+  refinevla bench --out benchmarks train            # refresh the committed results in benchmarks/
+  refinevla bench annotate --help                   # each benchmark's own options
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks"), help="where JSON + Markdown go")
-    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--out", "--out-dir", dest="out_dir", type=Path, default=DEFAULT_OUT,
+                        help=f"folder for <benchmark>.json and .md (default: {DEFAULT_OUT}; "
+                             "--out benchmarks updates the committed results)")
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", help="what to measure")
     for name, (module, issue) in BENCHMARKS.items():
         if _exists(module):
             try:

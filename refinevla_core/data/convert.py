@@ -33,14 +33,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from refinevla_core.config import ConfigError, load_config, parse_overrides, to_dict
+from refinevla_core.config import ConfigError, find_config_file, load_config, parse_overrides, to_dict
 from refinevla_core.data.episode import DataError, Episode
 from refinevla_core.data.episode_dataset import EpisodeDataset, atomic_write_json
 from refinevla_core.data.lerobot import LeRobotConfig, LeRobotReader
 from refinevla_core.data.rosbag import BagEpisodeReader, BagTopicsConfig
 
 SourceKind = Literal["bag", "lerobot"]
-DEFAULT_BAG_CONFIG = Path(__file__).resolve().parents[2] / "config" / "bag_topics.yaml"
 
 
 @dataclass
@@ -254,12 +253,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _shipped(name: str) -> Path | None:
+    """The shipped preset `name` (source checkout, wheel or ROS share), or None: then the dataclass defaults."""
+    try:
+        return find_config_file(name)
+    except ConfigError:
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     kind: SourceKind = "bag" if args.bag else "lerobot"
     try:
-        overrides = parse_overrides(args.overrides)
+        example = "image_topic=/camera/image_raw" if kind == "bag" else "image_key=observation.images.image_0"
+        overrides = parse_overrides(args.overrides, example=example)
         if kind == "bag":
-            path = args.config or (DEFAULT_BAG_CONFIG if DEFAULT_BAG_CONFIG.is_file() else None)
+            path = args.config or _shipped("bag_topics")
             config: BagTopicsConfig | LeRobotConfig = load_config(BagTopicsConfig, path, overrides)
         else:
             config = load_config(LeRobotConfig, args.config, overrides)

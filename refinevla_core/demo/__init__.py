@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from refinevla_core.demo.config import load_demo_config
 
     try:
-        config = load_demo_config(args.config, quick=args.quick, overrides=parse_overrides(args.overrides))
+        overrides = parse_overrides(args.overrides, example="train.max_steps=400")
+        config = load_demo_config(args.config, quick=args.quick, overrides=overrides)
     except ConfigError as e:
         print(f"refinevla demo: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from refinevla_core.config import ConfigError, from_dict, set_dotted
+from refinevla_core.config import ConfigError, check_overrides, find_config_file, from_dict, set_dotted
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.yaml"
 RationaleMode = Literal["action_only", "every_step", "every_n"]
@@ -155,9 +155,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def load_demo_config(path: str | Path | None = None, quick: bool = False,
                      overrides: dict[str, Any] | None = None) -> DemoConfig:
     """DemoConfig from the YAML's `full` section, with `quick` merged over it when asked, then `overrides`."""
-    p = Path(path) if path is not None else DEFAULT_CONFIG
-    if not p.is_file():
-        raise ConfigError(f"demo config {p} does not exist")
+    p = find_config_file(path if path is not None else "demo")  # a path, or a shipped preset by name
     try:
         loaded = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
@@ -170,7 +168,7 @@ def load_demo_config(path: str | Path | None = None, quick: bool = False,
     data = loaded["full"] or {}
     if quick:
         data = _merge(data, loaded.get("quick") or {})
-    for key, value in (overrides or {}).items():
+    for key, value in check_overrides(DemoConfig, overrides).items():  # a typo is blamed on the command line
         set_dotted(data, key, value)
     return from_dict(DemoConfig, data, where=f"{p} [{'quick' if quick else 'full'}]")
 
@@ -178,4 +176,6 @@ def load_demo_config(path: str | Path | None = None, quick: bool = False,
 def resolve_repo_path(path: str) -> Path:
     """A path from the config: absolute, or relative to the repository root (so the demo runs from any folder)."""
     p = Path(path)
-    return p if p.is_absolute() else DEFAULT_CONFIG.parents[1] / p
+    if p.is_absolute() or (DEFAULT_CONFIG.parents[1] / p).exists():
+        return p if p.is_absolute() else DEFAULT_CONFIG.parents[1] / p
+    return find_config_file(p)  # installed from a wheel: config/train_tiny.yaml is the shipped preset

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from refinevla_core.eval.report import simpler_table, write_report
+from refinevla_core.eval.report import run_name, simpler_table, write_report
 from refinevla_core.eval.runner import EpisodeResult, evaluate, summarise
 from refinevla_core.eval.stats import success_rate
 from refinevla_core.sim.backend import SimError
@@ -66,7 +66,7 @@ def policy_factory(args: argparse.Namespace) -> tuple[str, Callable[[Callable[[]
     policy = Policy.from_checkpoint(args.checkpoint, device=args.device,
                                     config=PolicyConfig(rationale_mode=args.rationale_mode,
                                                         rationale_every_n=args.rationale_every_n, seed=args.seed))
-    return args.name or Path(args.checkpoint).name, lambda state_fn: policy
+    return args.name or run_name(args.checkpoint), lambda state_fn: policy
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
@@ -101,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=["checkpoint", "expert", "random"], default="checkpoint",
                         help="expert: the scripted expert reading privileged state (an upper reference, not a "
                              "model); random: a floor")
-    parser.add_argument("--tasks", nargs="+", default=["PushCube-v1"], metavar="TASK")
+    parser.add_argument("--tasks", nargs="+", default=["PushCube-v1"], metavar="TASK",
+                        help="simulator tasks to evaluate, e.g. PushCube-v1 PickCube-v1 (default PushCube-v1)")
     parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
     parser.add_argument("--seed", type=int, default=1000, help="seed of episode 0 (collect starts at 0)")
     parser.add_argument("--policy-factory", default="",
@@ -110,18 +111,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ros: the policy runs here and acts through sim_bridge_node over DDS; ros-policy-node: "
                              "sim_bridge_node + policy_node processes, this process only resets and watches (both "
                              "started here, on $ROS_DOMAIN_ID)")
-    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--image-size", type=int, default=112,
+                        help="square camera image size in pixels; use the size the model was trained on (default 112)")
     parser.add_argument("--max-steps", type=int, default=0, help="0 = the task's limit")
     parser.add_argument("--control-mode", default="pd_ee_delta_pose",
-                        choices=["pd_ee_delta_pose", "pd_ee_target_delta_pose"])
-    parser.add_argument("--instruction-mode", default="varied", choices=["varied", "canonical"])
-    parser.add_argument("--rationale-mode", default="every_n", choices=["action_only", "every_step", "every_n"])
-    parser.add_argument("--rationale-every-n", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
+                        choices=["pd_ee_delta_pose", "pd_ee_target_delta_pose"],
+                        help="how the simulator applies the 7-D action: a delta from the current end-effector pose "
+                             "(default) or from the previous target")
+    parser.add_argument("--instruction-mode", default="varied", choices=["varied", "canonical"],
+                        help="varied: paraphrased instructions per episode (as in collect); canonical: the task's one "
+                             "sentence")
+    parser.add_argument("--rationale-mode", default="every_n", choices=["action_only", "every_step", "every_n"],
+                        help="when the model writes its rationale before the action: never (fastest), every step, or "
+                             "every --rationale-every-n steps (default)")
+    parser.add_argument("--rationale-every-n", type=int, default=10,
+                        help="steps between fresh rationales in every_n mode (default 10)")
+    parser.add_argument("--device", default="cpu", help="torch device of the checkpoint: cpu (default), cuda, cuda:1")
     parser.add_argument("--videos", type=int, default=2, help="captioned videos per task (the first episodes)")
     parser.add_argument("--fps", type=float, default=5.0, help="video frame rate")
     parser.add_argument("--out", type=Path, default=Path("eval_report"), help="report folder")
-    parser.add_argument("--name", default="", help="the policy's name in the tables")
+    parser.add_argument("--name", default="",
+                        help="the policy's name in the tables (default: the run folder, e.g. runs/tiny/final -> tiny)")
     parser.add_argument("--compare", nargs="+", type=Path, metavar="REPORT_JSON",
                         help="only print a SimplerEnv-style table of existing report.json files")
 
@@ -149,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                         instruction_mode=args.instruction_mode, task=args.tasks[0])
         if args.via == "ros-policy-node":
             node_params = policy_node_params(args)
-            name = args.name or (args.policy_factory or Path(args.checkpoint).name) + " (policy_node)"
+            name = args.name or (args.policy_factory or run_name(args.checkpoint)) + " (policy_node)"
         else:
             name, make_policy = policy_factory(args)
 

@@ -18,6 +18,17 @@ from refinevla_core.eval.stats import Rate
 from refinevla_core.eval.video import captioned_frame, write_video
 
 
+def run_name(checkpoint: str | Path) -> str:
+    """The name a checkpoint goes by in reports: its run folder, since every run's model is called `final`
+    (runs/tiny/final -> tiny; runs/tiny/checkpoints/step-00000200 -> tiny@step-00000200)."""
+    path = Path(checkpoint).expanduser().resolve()
+    if path.name == "final" and path.parent.name:
+        return path.parent.name
+    if path.name.startswith("step-") and path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}@{path.name}"
+    return path.name
+
+
 def simpler_table(rows: dict[str, dict[str, Rate]], tasks: Sequence[str]) -> str:
     """Markdown table in the layout of SimplerEnv papers: one row per policy, one column per task, then the average
     of the per-task rates. Cells: 'success % (k/n)'."""

@@ -196,8 +196,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of episode 0; episode i uses seed + i")
     parser.add_argument("--max-steps", type=int, default=0, help="episode step limit (0 = the task's, 50)")
     parser.add_argument("--control-mode", default="pd_ee_delta_pose",
-                        choices=["pd_ee_delta_pose", "pd_ee_target_delta_pose"])
-    parser.add_argument("--instruction-mode", default="varied", choices=["varied", "canonical"])
+                        choices=["pd_ee_delta_pose", "pd_ee_target_delta_pose"],
+                        help="how the simulator applies the 7-D action: a delta from the current end-effector pose "
+                             "(default) or from the previous target")
+    parser.add_argument("--instruction-mode", default="varied", choices=["varied", "canonical"],
+                        help="varied: paraphrased instructions per episode (default); canonical: the task's one "
+                             "sentence")
     parser.add_argument("--noise-fraction", type=float, default=0.0,
                         help="fraction of episodes whose executed translation gets noise (labels stay clean)")
     parser.add_argument("--noise-std-m", type=float, default=0.02, help="std of that noise per axis, metres")

@@ -8,30 +8,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from refinevla_core.config import ConfigError, parse_overrides, to_dict
+from refinevla_core.config import ConfigError, find_config_file, parse_overrides, to_dict
 
 EXIT_ERROR = 2
 
 EPILOG = """\
 examples:
   # tiny random-init preset on a dataset written by `refinevla collect` and annotated by `refinevla annotate`
-  refinevla train --config config/train_tiny.yaml dataset=data/pushcube output_dir=runs/tiny
+  refinevla train --config train_tiny dataset=data/pushcube output_dir=runs/tiny
+
+  # a preset is found by name from any folder (train_tiny, train_mid, train_paligemma2_3b); a path works too
+  refinevla train --config my_train.yaml dataset=data/pushcube --print-config
 
   # the paper's settings: vision + lower 75 % of the language layers frozen, λ_r = 0.3, rationale first
-  refinevla train --config config/train_mid.yaml dataset=data/pushcube freeze.language_layers=0.75 \\
+  refinevla train --config train_mid dataset=data/pushcube freeze.language_layers=0.75 \\
       lambda_rationale=0.3 target_order=rationale_then_action
 
   # the ablation baseline (plain action fine-tuning), LoRA, bf16, gradient accumulation
-  refinevla train --config config/train_mid.yaml dataset=data/pushcube lambda_rationale=0 \\
+  refinevla train --config train_mid dataset=data/pushcube lambda_rationale=0 \\
       lora.enabled=true precision=bf16 grad_accumulation=4
 
   # several GPUs (DDP) from the same entry point (FSDP/DeepSpeed are refused: see trainer._check_distributed_type)
-  accelerate launch --multi_gpu --num_processes 4 -m refinevla_core train --config config/train_paligemma2_3b.yaml \\
+  accelerate launch --multi_gpu --num_processes 4 -m refinevla_core train --config train_paligemma2_3b \\
       dataset=/data/bridge base_checkpoint=/models/paligemma2-3b-pt-224
   # several CPU processes (DDP over gloo; accelerate launch needs MPI for that, torchrun does not)
-  torchrun --nproc_per_node 2 -m refinevla_core train --config config/train_tiny.yaml dataset=data/pushcube
+  torchrun --nproc_per_node 2 -m refinevla_core train --config train_tiny dataset=data/pushcube
 
 A run killed at any point resumes from its newest checkpoint when started again with the same command
 (resume=auto); the final model is <output_dir>/final, loadable with Policy.from_checkpoint.
@@ -41,8 +43,9 @@ A run killed at any point resumes from its newest checkpoint when started again 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--config", type=Path, required=True,
-                        help="training YAML, e.g. config/train_tiny.yaml (keys: refinevla_core/training/config.py)")
+    parser.add_argument("--config", required=True,
+                        help="a shipped preset by name (train_tiny, train_mid, train_paligemma2_3b) or a training "
+                             "YAML path (keys: refinevla_core/training/config.py)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="override config keys, dotted for nested ones: freeze.language_layers=6 lora.enabled=true")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from refinevla_core.training.config import load_train_config
 
     try:
-        config = load_train_config(args.config, parse_overrides(args.overrides))
+        config = load_train_config(find_config_file(args.config, prefix="train_"),
+                                   parse_overrides(args.overrides, example="max_steps=100"))
     except ConfigError as e:
         print(f"refinevla train: {e}", file=sys.stderr)
         return EXIT_ERROR

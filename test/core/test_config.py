@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,39 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(Outer, tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["steps"])
+
+
+def test_override_typos_are_blamed_on_the_command_line_not_the_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("steps: 5\n")
+    with pytest.raises(ConfigError, match=r"^command line: unknown key step \(did you mean steps\?\)"):
+        load_config(Outer, tmp_path / "c.yaml", parse_overrides(["step=5"]))
+    with pytest.raises(ConfigError, match=r"^command line: unknown key optim.lrr \(did you mean lr\?\)"):
+        load_config(Outer, tmp_path / "c.yaml", parse_overrides(["optim.lrr=1"]))
+    with pytest.raises(ConfigError, match=r"^command line: steps: expected an integer"):
+        load_config(Outer, tmp_path / "c.yaml", parse_overrides(["steps=many"]))
+    with pytest.raises(ConfigError, match=r"^command line: steps.x: steps is not a section"):
+        load_config(Outer, tmp_path / "c.yaml", parse_overrides(["steps.x=1"]))
+    (tmp_path / "typo.yaml").write_text("stepz: 5\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key\(s\) \['stepz'\] \(did you mean steps\?\)"):
+        load_config(Outer, tmp_path / "typo.yaml", parse_overrides(["steps=5"]))
+
+
+def test_the_missing_key_value_hint_is_the_callers_valid_example():
+    with pytest.raises(ConfigError, match=r"'steps' must look like key=value \(e.g. steps=3\)"):
+        parse_overrides(["steps"], example="steps=3")
+
+
+def test_shipped_presets_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from refinevla_core.config import available_configs, find_config_file
+
+    monkeypatch.chdir(tmp_path)
+    preset = find_config_file("train_tiny")
+    assert preset.name == "train_tiny.yaml" and preset.is_file()
+    assert find_config_file("tiny", prefix="train_") == preset
+    assert find_config_file("train_tiny.yaml") == preset
+    assert find_config_file("config/train_tiny.yaml") == preset, "the README's repository-relative spelling"
+    assert {"train_tiny", "train_mid", "demo", "annotation"} <= set(available_configs())
+    (tmp_path / "train_tiny.yaml").write_text("steps: 1\n")
+    assert find_config_file("train_tiny.yaml") == Path("train_tiny.yaml"), "a file in the folder comes first"
+    with pytest.raises(ConfigError, match=r"train_tin2 does not exist \(did you mean train_tiny\?\)"):
+        find_config_file("train_tin2")
