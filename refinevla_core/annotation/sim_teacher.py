@@ -27,12 +27,12 @@ from refinevla_core.annotation import prompts
 from refinevla_core.annotation.teacher import FrameRequest, Teacher, TeacherError, TeacherReply
 from refinevla_core.rationale import Rationale
 
-SIM_TEACHER_VERSION = 1  # bump when the generated text changes: a new version means new annotations
+SIM_TEACHER_VERSION = 2  # bump when the generated text changes: a new version means new annotations
 PHASES = ("approach", "grasp", "lift", "transport", "place", "push", "release", "done")
 PICK_AND_PLACE = ("approach", "grasp", "lift", "transport", "place", "release", "done")
 PICK_AND_LIFT = ("approach", "grasp", "lift", "done")
 PUSH = ("approach", "push", "done")
-NEAR_M = 0.005  # closer than this along an axis counts as level
+NEAR_M = 0.005  # closer than this along an axis counts as level (rounds to 0 cm)
 MAX_OTHER_OBJECTS = 4  # keeps Spatial Reasoning well under the section length limit
 
 _FIX = ("the sim teacher writes rationales from simulator ground truth, so it needs a dataset recorded by "
@@ -81,13 +81,29 @@ def _label(name: str, item: dict[str, Any]) -> str:
 
 
 def relative_words(offset_m: np.ndarray) -> str:
-    """'8.0 cm forward, 2.0 cm to the left and 9.0 cm below' for where something is relative to a reference."""
-    words = (("forward", "backward"), ("to the left", "to the right"), ("above", "below"))
-    parts = [f"{abs(v) * 100:.1f} cm {pos if v > 0 else neg}"
+    """'8 cm forward, 2 cm left, 9 cm down of' for where something is relative to a reference (whole centimetres,
+    per axis; axes within NEAR_M are left out)."""
+    words = (("forward", "back"), ("left", "right"), ("up", "down"))
+    parts = [f"{round(abs(v) * 100)} cm {pos if v > 0 else neg}"
              for v, (pos, neg) in zip(offset_m, words, strict=True) if abs(v) >= NEAR_M]
-    if not parts:
-        return "at the same place as"
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return ", ".join(parts) + " of" if parts else "at"
+
+
+def next_motion(actions: np.ndarray, gripper_now: float | None = None) -> str:
+    """Direction of the demonstrated next motion ('move forward, down, then close the gripper'): the sign of the
+    summed window per axis, where that axis carries at least a third of the motion; no lengths (see rationale)."""
+    actions = np.asarray(actions, dtype=np.float64).reshape(-1, 7)
+    if not len(actions):
+        return "stop"
+    total = actions[:, :3].sum(axis=0)
+    big = np.abs(total) >= max(NEAR_M, np.abs(total).max() / 3)
+    names = (("forward", "back"), ("left", "right"), ("up", "down"))
+    moves = [pos if v > 0 else neg for v, (pos, neg), b in zip(total, names, big, strict=True) if b]
+    text = "move " + ", ".join(moves) if moves else "hold position"
+    events = prompts.gripper_events(actions, gripper_now)
+    if events:
+        text += ", then " + " and ".join(f"{kind} the gripper" for _, kind in events[:1])
+    return text
 
 
 def _words(text: str) -> set[str]:
@@ -132,6 +148,11 @@ class SimTeacher(Teacher):
     # ---- the text -----------------------------------------------------------------------------------------------
     def rationale(self, state: dict[str, Any], instruction: str, future_actions: np.ndarray,
                   task: str = "") -> Rationale:
+        """Four short sections (~50 tokens with the tiny preset's tokenizer, all of them inside the trained budget).
+
+        Every number is a distance between poses of this frame, rounded to whole centimetres: no summed commands
+        (under delta-pose control a commanded delta is a target, not a motion). The plan gives the direction of
+        the demonstrated next motion, not its length."""
         objects: dict[str, dict[str, Any]] = state["objects"]
         gripper = state["gripper"]
         target = state.get("target")
@@ -139,45 +160,31 @@ class SimTeacher(Teacher):
         main = self._main_object(objects, gripper, instruction)
         obj = _label(main, objects[main])
         goal = _label(str(target.get("name") or "target"), target) if target else "goal"
-        gripper_open = float(gripper["opening"]) > prompts.GRIPPER_OPEN_THRESHOLD
+        gripper_word = "open" if float(gripper["opening"]) > prompts.GRIPPER_OPEN_THRESHOLD else "closed"
         holding = gripper.get("holding")
-        task_name = str(state.get("task") or task or "")
-        plan = self._plan(phase, task_name, instruction, target is not None)
+        plan = self._plan(phase, str(state.get("task") or task or ""), instruction, target is not None)
 
-        in_view = [f"the {_label(n, o)}" + (f" (about {o['size_m'] * 100:.0f} cm)" if isinstance(
-            o.get("size_m"), (int, float)) else "") for n, o in objects.items()]
-        if target:
-            in_view.append(f"the {goal}")
-        observation = (f"In view: the robot gripper ({'open' if gripper_open else 'closed'}), "
-                       + ", ".join(in_view) + ".")
+        seen = [_label(n, o) for n, o in objects.items()] + ([goal] if target else [])
+        observation = f"gripper {gripper_word}; " + ", ".join(seen) + "."
+        held = _label(holding, objects[holding]) if holding else "nothing"
+        situation = f"phase: {phase}, {self._phase_sentence(phase, obj, goal)}; holds {held}."
 
-        holds = f"holds the {_label(holding, objects[holding])}" if holding else "holds nothing"
-        situation = (f"The task is to {instruction.strip().rstrip('.')}. Current phase: {phase} - "
-                     f"{self._phase_sentence(phase, obj, goal)}. The gripper is "
-                     f"{'open' if gripper_open else 'closed'} and {holds}.")
-
-        gripper_pos = np.asarray(gripper["position"], dtype=np.float64)
         main_pos = np.asarray(objects[main]["position"], dtype=np.float64)
-        spatial = []
+        gripper_pos = np.asarray(gripper["position"], dtype=np.float64)
         if holding == main:
-            spatial.append(f"The {obj} is in the gripper.")
+            spatial = [f"{obj} in the gripper"]
         else:
-            spatial.append(f"The {obj} is {np.linalg.norm(main_pos - gripper_pos) * 100:.1f} cm from the gripper, "
-                           f"{relative_words(main_pos - gripper_pos)} it.")
+            spatial = [f"{obj} {relative_words(main_pos - gripper_pos)} the gripper"]
         if target:
             target_pos = np.asarray(target["position"], dtype=np.float64)
-            spatial.append(f"The {goal} is {np.linalg.norm(target_pos - main_pos) * 100:.1f} cm from the {obj}, "
-                           f"{relative_words(target_pos - main_pos)} it.")
-        others = [n for n in objects if n != main][:MAX_OTHER_OBJECTS]
-        for name in others:
+            spatial.append(f"{goal} {relative_words(target_pos - main_pos)} the {obj}")
+        for name in [n for n in objects if n != main][:MAX_OTHER_OBJECTS]:
             pos = np.asarray(objects[name]["position"], dtype=np.float64)
-            spatial.append(f"The {_label(name, objects[name])} is {relative_words(pos - main_pos)} the {obj}.")
+            spatial.append(f"{_label(name, objects[name])} {relative_words(pos - main_pos)} the {obj}")
 
-        steps = [self._step(p, obj, goal) for p in plan[plan.index(phase):]] if phase in plan else ["stop"]
-        numbered = ", ".join(f"{i + 1}) {s}" for i, s in enumerate(steps))
-        motion = prompts.describe_motion(future_actions, float(gripper["opening"]))
-        planning = f"Remaining steps: {numbered}. Now ({phase}): {motion}."
-        return Rationale(observation, situation, " ".join(spatial), planning)
+        steps = ", ".join(plan[plan.index(phase):]) if phase in plan else "done"
+        planning = f"steps: {steps}; now {next_motion(future_actions, float(gripper['opening']))}."
+        return Rationale(observation, situation, "; ".join(spatial) + ".", planning)
 
     @staticmethod
     def _main_object(objects: dict[str, dict[str, Any]], gripper: dict[str, Any], instruction: str) -> str:
@@ -202,25 +209,12 @@ class SimTeacher(Teacher):
     @staticmethod
     def _phase_sentence(phase: str, obj: str, goal: str) -> str:
         return {
-            "approach": f"the gripper moves toward the {obj} and nothing is grasped yet",
-            "grasp": f"the gripper is at the {obj} and closes on it",
-            "lift": f"the {obj} is grasped and being lifted",
-            "transport": f"the {obj} is held and carried toward the {goal}",
-            "place": f"the {obj} is being lowered onto the {goal}",
-            "push": f"the gripper pushes the {obj} toward the {goal}",
-            "release": f"the gripper opens to release the {obj}",
-            "done": "the task is complete",
-        }[phase]
-
-    @staticmethod
-    def _step(phase: str, obj: str, goal: str) -> str:
-        return {
-            "approach": f"move the gripper to the {obj}",
-            "grasp": f"close the gripper on the {obj}",
+            "approach": f"reach the {obj}",
+            "grasp": f"close on the {obj}",
             "lift": f"lift the {obj}",
             "transport": f"carry the {obj} to the {goal}",
             "place": f"lower the {obj} onto the {goal}",
-            "push": f"push the {obj} onto the {goal}",
-            "release": f"open the gripper to release the {obj}",
-            "done": "stop",
+            "push": f"push the {obj} to the {goal}",
+            "release": f"open to release the {obj}",
+            "done": "task complete",
         }[phase]

@@ -75,7 +75,7 @@ class Teacher(ABC):
     @property
     @abstractmethod
     def name(self) -> str:
-        """Identity in the store key, e.g. 'openai:gemini-2.0-flash' or 'sim:v1'."""
+        """Identity in the store key, e.g. 'openai:gemini-2.0-flash' or 'sim:v2'."""
 
     @property
     @abstractmethod

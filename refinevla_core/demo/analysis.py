@@ -23,7 +23,7 @@ from refinevla_core.data.episode_dataset import EpisodeDataset
 from refinevla_core.data.episode_dataset import atomic_write_json as write_json
 
 BATCH = 8
-_PHASE = re.compile(r"Current phase: (\w+)")
+_PHASE = re.compile(r"phase: (\w+)")  # "phase: push, ..." (sim teacher v2; v1 wrote "Current phase: push")
 
 
 def validation_frames(dataset: str | Path, val_fraction: float, seed: int) -> Any:

@@ -30,11 +30,17 @@ PRESETS = ("tiny", "mid", "paligemma2-3b-224", "paligemma2-3b-224-random")
 
 
 def preset_path(name: str) -> Path:
-    return CONFIG_DIR / f"model_{name}.yaml"
+    """config/model_<name>.yaml of the source checkout, else the copy shipped in the wheel or the ROS share."""
+    from refinevla_core.config import CONFIG_DIRS
+
+    return next((d / f"model_{name}.yaml" for d in CONFIG_DIRS if (d / f"model_{name}.yaml").is_file()),
+                CONFIG_DIR / f"model_{name}.yaml")
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem.removeprefix("model_") for p in CONFIG_DIR.glob("model_*.yaml"))
+    from refinevla_core.config import available_configs
+
+    return [name.removeprefix("model_") for name in available_configs("model_")]
 
 
 def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> RefineVLAConfig:
@@ -64,11 +70,48 @@ _RATIONALE = (
 )
 
 
+# The simulator tasks' words (refinevla_core.sim.instructions / sim.maniskill) and the sim teacher's short rationale
+# phrases (annotation/sim_teacher.py): in the corpus, so a whole sim rationale costs ~60 tokens, not ~180.
+_SIM_INSTRUCTIONS = (
+    "push the blue cube to the red target", "slide the cube onto the target disc", "shove the blue block forward "
+    "until it reaches the red and white target", "pick up the red cube and move it to the green goal",
+    "grasp the red block and bring it to the green sphere", "lift the cube, then hold it at the green marker",
+    "grab the red cube and move it to the green goal", "stack the red cube on the green cube",
+    "put the red block on top of the green block", "place the red cube on the green cube",
+)
+_SIM_THINGS = ("blue cube", "red cube", "green cube", "red/white target disc", "green goal sphere",
+               "top of the green cube")
+_SIM_PHASES = ("approach, reach the {o}", "grasp, close on the {o}", "lift, lift the {o}",
+               "transport, carry the {o} to the {g}", "place, lower the {o} onto the {g}",
+               "push, push the {o} to the {g}", "release, open to release the {o}", "done, task complete")
+_SIM_STEPS = ("approach, push, done", "push, done", "approach, grasp, lift, transport, place, release, done",
+              "grasp, lift, transport, place, release, done", "lift, transport, place, release, done",
+              "transport, place, release, done", "place, release, done", "release, done", "approach, grasp, lift, "
+              "done", "lift, done", "done")
+_SIM_MOVES = ("move forward", "move back", "move left", "move right", "move up", "move down", "move forward, left",
+              "move forward, right", "move back, up", "move forward, down", "move left, down", "hold position")
+
+
+def _sim_rationale_lines() -> list[str]:
+    words = ("forward", "back", "left", "right", "up", "down")
+    lines = []
+    for i, (o, g) in enumerate(itertools.product(_SIM_THINGS[:3], _SIM_THINGS[3:])):
+        lines.append(f"Observation: gripper {'open' if i % 2 else 'closed'}; {o}, {g}.")
+        lines += [f"Situation Analysis: phase: {p.format(o=o, g=g)}; holds {'nothing' if j % 2 else 'the ' + o}."
+                  for j, p in enumerate(_SIM_PHASES)]
+        lines += [f"Spatial Reasoning: {o} {n} cm {words[n % 6]}, {n % 7} cm {words[(n + 2) % 6]} of the gripper; "
+                  f"{g} {n % 11} cm {words[(n + 4) % 6]} of the {o}." for n in range(i, 31, 3)]
+        lines += [f"Task Planning: steps: {st}; now {_SIM_MOVES[(i + k) % len(_SIM_MOVES)]}, then "
+                  f"{('close', 'open')[k % 2]} the gripper." for k, st in enumerate(_SIM_STEPS)]
+    return lines
+
+
 def tokenizer_corpus() -> list[str]:
     """Deterministic robot-domain text: instructions, rationale sentences, numbers and headings."""
     lines = [f"{v} the {o} {p}" for v, o, p in itertools.product(_VERBS, _OBJECTS, _PLACES)]
     lines += [t.format(o=o, p=p.split()[-1]) for t in _RATIONALE for o in _OBJECTS for p in _PLACES[:4]]
     lines += [f"{n} cm, {n} mm, {n}.{n % 10} m, {n} degrees" for n in range(100)]
+    lines += list(_SIM_INSTRUCTIONS) + _sim_rationale_lines()
     return lines
 
 

@@ -58,8 +58,8 @@ def test_every_k_frames_then_carry_forward_and_a_rerun_asks_nothing(tmp_path):
     episode = ds.load_episode(1)
     r = episode.rationales
     assert r[0] == r[1] == r[2] != r[3] and r[3] == r[4] == r[5] != r[6]
-    assert "Current phase: approach" in r[0].situation_analysis and "Current phase: done" in r[6].situation_analysis
-    assert [row["teacher"] for row in jsonl_rows(tmp_path / "ds")] == ["sim:v1"] * 14
+    assert "phase: approach," in r[0].situation_analysis and "phase: done," in r[6].situation_analysis
+    assert [row["teacher"] for row in jsonl_rows(tmp_path / "ds")] == ["sim:v2"] * 14
 
     again = annotate_dataset(tmp_path / "ds", SimTeacher(), config, progress=False)
     assert (again.done, again.cached, again.calls, again.exported_rows) == (0, 6, 0, 0)
@@ -163,4 +163,4 @@ def test_progress_bar_shows_rate_and_eta(tmp_path, capsys):
     make_dataset(tmp_path / "ds", episodes=1, frames=3)
     annotate_dataset(tmp_path / "ds", SimTeacher(), sim_config(), progress=True)
     err = capsys.readouterr().err
-    assert "annotate [sim:v1]" in err and "3/3" in err and "frame/s" in err and "<00:00" in err
+    assert "annotate [sim:v2]" in err and "3/3" in err and "frame/s" in err and "<00:00" in err
