@@ -123,6 +123,12 @@ def constant_action_dataset(root: Path) -> np.ndarray:
     return action
 
 
+def cfg_bins(cfg: TrainConfig) -> int:
+    from refinevla_core.model.presets import load_preset
+
+    return load_preset(cfg.preset).n_action_bins
+
+
 def test_validation_metrics_checkpoint_and_policy_on_a_learnable_set(tmp_path):
     from refinevla_core.inference.policy import Policy, PolicyConfig
 
@@ -134,13 +140,15 @@ def test_validation_metrics_checkpoint_and_policy_on_a_learnable_set(tmp_path):
     assert [v["step"] for v in val] == [10, 20]
     final = val[-1]
     assert final["frames"] == 4, "one held-out episode of 4 frames"
-    assert final["action_token_accuracy"] == 1.0
-    half_bin = 0.5 / 256  # the gripper's fixed [0, 1] range has the widest bins here
-    assert final["action_l1"] <= half_bin and len(final["action_l1_per_dim"]) == 7
+    assert final["action_token_accuracy_teacher_forced"] == 1.0
+    half_bin = 0.5 / cfg_bins(cfg)  # the gripper's fixed [0, 1] range has the widest bins here
+    assert final["action_l1"] <= half_bin and final["action_l1_teacher_forced"] <= half_bin
+    assert len(final["action_l1_per_dim"]) == 7
     assert 0.0 <= final["rationale_token_accuracy"] <= 1.0 and final["val_loss_rationale"] > 0
 
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
-    assert metrics["finished"] and metrics["step"] == 20 and metrics["val"][-1]["action_token_accuracy"] == 1.0
+    assert metrics["finished"] and metrics["step"] == 20
+    assert metrics["val"][-1]["action_token_accuracy_teacher_forced"] == 1.0
     assert (result.output_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (result.final_checkpoint / "train_config.json").is_file()
 
@@ -299,19 +307,45 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path):
     assert [v["step"] for v in mb["val"]] == [5, 10]
     for va, vb in zip(ma["val"], mb["val"], strict=True):
         assert vb["action_l1"] == pytest.approx(va["action_l1"], rel=1e-6)
-        assert vb["action_token_accuracy"] == va["action_token_accuracy"]
+        assert vb["action_token_accuracy_teacher_forced"] == va["action_token_accuracy_teacher_forced"]
 
 
 # ---- several processes ----------------------------------------------------------------------------------------------
+def _parameters(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from refinevla_core.model.checkpoint import load_checkpoint
+
+    return {n: p.detach().double() for n, p in load_checkpoint(checkpoint).vlm.named_parameters()}
+
+
+def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                         initial: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||b - initial||: how far two runs' weights are apart, relative to how far training moved them."""
+    apart = sum(float((a[n] - b[n]).pow(2).sum()) for n in b)
+    moved = sum(float((b[n] - initial[n]).pow(2).sum()) for n in b)
+    return (apart / moved) ** 0.5
+
+
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(small_dataset, tmp_path):
     """Two processes as one DDP job (torchrun + accelerate over gloo on loopback; `accelerate launch --multi_gpu`
     starts GPU jobs through the same torch launcher) from the same entry point: 2 processes x batch 2 see the same
     frames per step as 1 process x batch 4 and, with λ_r = 0 (every sample has exactly 7 action tokens, so the mean
-    of the per-process means is the global mean), must end at the same weights."""
-    from safetensors.torch import load_file
+    of the per-process means is the global mean), must take the same steps.
 
+    Not compared element by element at a fixed atol: the all-reduce sums in another order than one process does, and
+    Adam divides each gradient by its own running RMS, so an element whose gradient is within rounding of zero can
+    take an lr-sized step either way (2.2e-5 on 1 of 65,536 elements on an AMD EPYC). What the maths does bound:
+      - no element can differ by more than twice the distance Adam can travel: 2 · Σ_k lr_k · 1.01 (with β = (0.9,
+        0.999) the bias-corrected |m̂/√v̂| stays below 1.01 in the first steps);
+      - the runs' weights agree to 1 % of how far training moved them (normwise): rounding flips only the few
+        near-zero gradients. A real fault (unsynchronised ranks, a wrong data shard) changes most of the update:
+        the negative control, one process with batch 2 (other frames), is ~85 % apart;
+      - the loss trajectories agree (same frames, same forward).
+    """
     settings = {"max_steps": 3, "lambda_rationale": 0.0, "rationale_dropout": 0.0}
-    train(config_for(small_dataset, tmp_path / "one", batch_size=4, **settings), log=quiet)
+    one_config = config_for(small_dataset, tmp_path / "one", batch_size=4, **settings)
+    initial = {n: p.detach().double() for n, p in build_model(one_config).vlm.named_parameters()}
+    train(one_config, log=quiet)
+    train(config_for(small_dataset, tmp_path / "other_frames", batch_size=2, **settings), log=quiet)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(29500 + os.getpid() % 1000), "-m", "refinevla_core", "train",
                "--config", str(CONFIG_DIR / "train_tiny.yaml"),
@@ -322,10 +356,17 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(smal
     r = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stderr and r.stdout.count('"final_checkpoint"') == 1, "rank 0 reports, once"
-    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
-    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+
+    one, two = _parameters(tmp_path / "one" / "final"), _parameters(tmp_path / "two" / "final")
+    steps = settings["max_steps"]
+    travel = sum(one_config.lr * 0.5 * (1 + np.cos(np.pi * k / steps)) for k in range(steps))  # cosine, no warm-up
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-5, msg=name)
+        assert float((two[name] - one[name]).abs().max()) <= 2 * 1.01 * travel, name
+        assert float((one[name] - initial[name]).abs().max()) <= 1.01 * travel, name
+    assert _relative_difference(two, one, initial) < 0.01
+    other_frames = _parameters(tmp_path / "other_frames" / "final")
+    assert _relative_difference(other_frames, one, initial) > 0.1, "the check above can fail"
+
     h1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["train"]
     h2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["train"]
     assert [r["loss_action"] for r in h2] == pytest.approx([r["loss_action"] for r in h1], rel=1e-4)
