@@ -135,6 +135,30 @@ def save_checkpoint(  # noqa: PLR0917 (the positional order is the API the train
     return directory
 
 
+def save_tied_weights_quietly(accelerator: Any) -> None:
+    """Make `accelerator.save_state` write the training model with safetensors' `save_model`, which stores each
+    group of tied tensors once and is what `load_model` (accelerate's load_state) expects back.
+
+    Why: accelerate's own safetensors save drops the tied `lm_head.weight` by hand and logs "Removed shared tensor
+    ... check by verifying that you don't receive any warning while reloading" at every checkpoint, an alarm about
+    nothing. The file name and keys stay accelerate's (model.safetensors), so older checkpoints still resume.
+    FSDP/DeepSpeed keep their own sharded saves.
+    """
+    from accelerate.utils import DistributedType
+    from safetensors.torch import save_model
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        return
+
+    def save_models(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            for i, model in enumerate(models):
+                save_model(model, str(Path(output_dir) / f"model{f'_{i}' if i else ''}.safetensors"))
+        weights.clear()  # written above: accelerate saves the optimizer, scheduler and RNG states only
+
+    accelerator.register_save_state_pre_hook(save_models)
+
+
 def verify_checkpoint(directory: str | Path, verify: Verify = "auto") -> dict[str, Any]:
     """Check the manifest against the files (existence, size, sha256); returns the manifest."""
     directory = Path(directory)

@@ -253,6 +253,33 @@ def test_resume_refuses_a_changed_config_and_cleans_partial_saves(small_dataset,
     assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000003"]  # keep_checkpoints: 2
 
 
+def test_a_checkpoint_save_warns_about_nothing_and_resumes_the_same_weights(small_dataset, tmp_path, caplog, capfd):
+    """accelerate's own safetensors save logs "Removed shared tensor ... check by verifying" for the tied lm_head at
+    every checkpoint; the trainer saves tied weights once (safetensors save_model) and they come back tied."""
+    import logging
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        trainer = Trainer(config_for(small_dataset, out, max_steps=2, save_every=1), log=quiet)
+        trainer.run()
+    printed = caplog.text + "".join(capfd.readouterr())
+    assert "shared tensor" not in printed and "check by verifying" not in printed
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000001", "step-00000002"]
+    saved = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+
+    resumed = Trainer(config_for(small_dataset, out, max_steps=3, save_every=1), log=quiet)
+    resumed._setup()  # builds a fresh model and loads the newest trainer state into it
+    assert resumed.resume_from == out / "checkpoints" / "step-00000002"
+    model = resumed.accelerator.unwrap_model(resumed.model)
+    loaded = dict(model.named_parameters())
+    assert loaded.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(loaded[name], value), name  # a file round trip: exact
+    vlm = model.vlm
+    assert vlm.lm_head.weight.data_ptr() == vlm.get_input_embeddings().weight.data_ptr(), "still tied"
+    assert "shared tensor" not in caplog.text + "".join(capfd.readouterr())
+
+
 # ---- resume after kill -9 --------------------------------------------------------------------------------------------
 def _command(dataset: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "refinevla_core", "train", "--config", str(CONFIG_DIR / "train_tiny.yaml"),
