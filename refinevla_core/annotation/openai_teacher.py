@@ -17,6 +17,7 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +113,8 @@ class OpenAICompatTeacher(Teacher):
         self._lock = threading.Lock()
         self._json_mode = config.json_mode != "off"
         self.transport_retries = 0  # attempts that were retried (429/5xx/timeouts), for the summary
+        self.http_requests = 0  # every POST sent, answered or not: what the server saw
+        self.retry_reasons: Counter[str] = Counter()  # "HTTP 429" / "HTTP 500" / "timeout" ... -> retried attempts
         self.json_mode_dropped = False
 
     @property
@@ -204,10 +207,14 @@ class OpenAICompatTeacher(Teacher):
             json_mode = self._json_mode
             self._limiter.wait()
             retry_after: float | None = None
+            reason = "connection error"
+            with self._lock:
+                self.http_requests += 1
             try:
                 response = self._client.post(url, json=self._body(messages), headers=self._headers)
             except httpx.TimeoutException:
                 last = f"no answer within {self.config.timeout_s:.0f} s (timeout_s)"
+                reason = "timeout"
             except httpx.TransportError as e:
                 last = f"{e.__class__.__name__}: {e}"
             else:
@@ -217,8 +224,10 @@ class OpenAICompatTeacher(Teacher):
                         return response.json()
                     except ValueError:
                         last = f"HTTP 200 with a body that is not JSON: {response.text[:120]!r}"
+                        reason = "HTTP 200 not JSON"
                 elif status in RETRY_STATUSES:
                     last = f"HTTP {status}: {_server_message(response)}"
+                    reason = f"HTTP {status}"
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
                 elif status == 400 and json_mode and self.config.json_mode == "auto":
                     # servers that lack JSON mode answer 400 in their own words ("response_format is not
@@ -240,6 +249,7 @@ class OpenAICompatTeacher(Teacher):
                 break
             with self._lock:
                 self.transport_retries += 1
+                self.retry_reasons[reason] += 1
                 delay = backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_max_s, self._rng)
             if retry_after is not None:
                 delay = min(retry_after, MAX_RETRY_AFTER_S)

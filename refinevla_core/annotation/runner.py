@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -82,7 +83,9 @@ class RunSummary:
     done: int = 0  # annotated by this run
     failed: int = 0  # failed in this run (invalid replies after re-asks)
     failed_skipped: int = 0  # failed in an earlier run and not retried (pass retry_failed)
-    calls: int = 0
+    calls: int = 0  # model replies received (first asks + re-asks)
+    http_requests: int | None = None  # POSTs the server saw (HTTP teachers only): calls + retried + unanswered
+    retries: dict[str, int] = field(default_factory=dict)  # retried attempts by reason, e.g. {"HTTP 429": 8}
     prompt_tokens: int = 0
     completion_tokens: int = 0
     elapsed_s: float = 0.0
@@ -98,8 +101,27 @@ class RunSummary:
     def any_failed(self) -> bool:
         return self.failed + self.failed_skipped > 0
 
+    @property
+    def re_asks(self) -> int:
+        """Calls beyond the first per frame: an invalid reply asked again with the parse error."""
+        return self.calls - self.done - self.failed
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "pending": self.pending}
+        return {**asdict(self), "pending": self.pending, "re_asks": self.re_asks}
+
+    def calls_text(self) -> str:
+        """Teacher calls as the server counts them: every HTTP request is a reply (first ask or re-ask), a retried
+        failure (429/5xx/timeout, by reason) or one left unanswered (a JSON-mode probe, the last of a failing run)."""
+        asked = f"{self.calls} replies ({self.done + self.failed} first asks + {self.re_asks} re-asks)"
+        if self.http_requests is None:
+            return f"teacher calls: {asked}"
+        retried = sum(self.retries.values())
+        reasons = ", ".join(f"{n} x {why}" for why, n in sorted(self.retries.items()))
+        parts = [asked, f"{retried} retried" + (f" ({reasons})" if reasons else "")]
+        unanswered = self.http_requests - self.calls - retried
+        if unanswered:
+            parts.append(f"{unanswered} unanswered")
+        return f"HTTP requests: {self.http_requests} = " + " + ".join(parts)
 
     def text(self) -> str:
         lines = [
@@ -108,7 +130,7 @@ class RunSummary:
             f"  frames: {self.frames} in {self.episodes} episode(s); asked about {self.scheduled}",
             f"  done: {self.done} new + {self.cached} cached; failed: {self.failed} new + {self.failed_skipped} earlier"
             + (f"; not reached: {self.pending}" if self.pending else ""),
-            f"  teacher calls: {self.calls}; tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion",
+            f"  {self.calls_text()}; tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion",
             f"  store: {self.store}",
         ]
         if self.exported_rows or self.frames_with_rationale:
@@ -293,6 +315,8 @@ def annotate_dataset(
     summary = RunSummary(dataset=str(ds.root), dataset_id=dataset_id, store=str(store_path), teacher=teacher.name,
                          prompt_hash=teacher.prompt_hash, shard=str(shard), episodes=len(plan.episodes),
                          frames=sum(plan.lengths.values()))
+    requests_before = getattr(teacher, "http_requests", None)
+    retries_before = Counter(getattr(teacher, "retry_reasons", {}))
     with AnnotationStore(store_path) as store:
         store.check_episodes(dataset_id, plan.digests)
         status = store.statuses(key, plan.episodes)
@@ -340,6 +364,9 @@ def annotate_dataset(
             written, covered = export_rationales(ds.root, store, key, episodes=plan.episodes, lengths=plan.lengths,
                                                  every_k=config.every_k)
             summary.exported_rows, summary.frames_with_rationale = written, covered
+    if requests_before is not None:  # an HTTP teacher: what this run sent, as the server saw it
+        summary.http_requests = teacher.http_requests - requests_before
+        summary.retries = dict(Counter(teacher.retry_reasons) - retries_before)
     summary.elapsed_s = time.monotonic() - started
     return summary
 

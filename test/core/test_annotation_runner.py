@@ -112,6 +112,30 @@ def test_failed_frames_are_kept_and_retried_only_when_asked(tmp_path, server):
         assert store.rows(key)[(0, 2)].calls == 3  # the failed attempts' calls stay counted
 
 
+def test_the_summary_adds_up_to_the_requests_the_server_saw(tmp_path):
+    """Retried 429/500 answers and re-asks are teacher calls too: the summary's HTTP requests are what the server
+    counted, split into replies (first asks + re-asks), retries by reason and unanswered requests."""
+    make_dataset(tmp_path / "ds", episodes=2, frames=4)
+    with ChatServer(plan=["429", "500", "429", "missing_section", "ok", "500"]) as server:
+        config = openai_config(server, concurrency=2)
+        summary = annotate_dataset(tmp_path / "ds", OpenAICompatTeacher(config), config, progress=False)
+        seen = server.calls
+        reasks_seen = sum(r.is_reask for r in server.requests)
+    assert (summary.done, summary.failed) == (8, 0)
+    assert summary.http_requests == seen == 8 + 1 + 4, "8 frames, 1 re-ask, 4 retried failures"
+    assert summary.retries == {"HTTP 429": 2, "HTTP 500": 2} and summary.re_asks == reasks_seen == 1
+    assert summary.calls + sum(summary.retries.values()) == seen
+    assert f"HTTP requests: {seen} = 9 replies (8 first asks + 1 re-asks) + 4 retried (2 x HTTP 429, 2 x HTTP 500)" \
+        in summary.text()
+    assert summary.to_dict()["http_requests"] == seen
+
+
+def test_a_teacher_without_http_shows_its_replies_and_re_asks(tmp_path):
+    make_dataset(tmp_path / "ds", episodes=1, frames=3)
+    summary = annotate_dataset(tmp_path / "ds", SimTeacher(), sim_config(), progress=False)
+    assert summary.http_requests is None and "teacher calls: 3 replies (3 first asks + 0 re-asks)" in summary.text()
+
+
 def test_a_run_level_error_stops_keeps_finished_frames_and_skips_export(tmp_path, server):
     ds = make_dataset(tmp_path / "ds", episodes=2, frames=4)
     episode1 = {d for d, (e, _) in frame_of_digest(ds).items() if e == 1}
