@@ -284,6 +284,27 @@ def _salvage_sqlite(src: Path, dst: Path) -> None:
         conn.close()
 
 
+def _is_torn_mcap(path: Path) -> bool:
+    """An mcap file that does not end with its magic bytes: the writer or a copy stopped part-way."""
+    if path.suffix != ".mcap" or not path.is_file():
+        return False
+    if path.stat().st_size < len(_MCAP_MAGIC):
+        return True
+    with path.open("rb") as fh:
+        fh.seek(path.stat().st_size - len(_MCAP_MAGIC))
+        return fh.read() != _MCAP_MAGIC
+
+
+def _truncation_hint(target: Path) -> str:
+    """What to do about a bag folder whose metadata.yaml says it was closed but whose mcap file is cut short."""
+    torn = [f for f in (_storage_files(target) if target.is_dir() else [target]) if _is_torn_mcap(f)]
+    if not torn:
+        return ""
+    return (f" - {torn[0].name} is truncated (an interrupted recording or copy?). Copy it again if you can; "
+            f"otherwise convert what it holds up to its last complete record by passing the storage file itself: "
+            f"`refinevla convert --bag {torn[0]} --out DATASET` (messages after the cut are lost)")
+
+
 @contextlib.contextmanager
 def open_bag(path: str | Path, typestore: Any | None = None) -> Iterator[tuple[Any, bool]]:
     """Open a rosbag2 folder or storage file with rosbags' AnyReader; yields (reader, recovered).
@@ -333,7 +354,7 @@ def open_bag(path: str | Path, typestore: Any | None = None) -> Iterator[tuple[A
             reader = AnyReader([target], default_typestore=store)
             reader.open()
         except (AnyReaderError, OSError, ValueError, KeyError) as e:
-            raise DataError(f"bag {path} cannot be read: {e}") from e
+            raise DataError(f"bag {path} cannot be read: {e}{_truncation_hint(target)}") from e
         stack.callback(reader.close)
         yield reader, recovered
 

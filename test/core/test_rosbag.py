@@ -327,6 +327,22 @@ def test_salvage_cuts_a_torn_mcap_at_the_last_complete_record(tmp_path):
         read_bag(torn)
 
 
+def test_a_truncated_bag_says_so_and_names_the_command_that_reads_what_it_holds(tmp_path):
+    """A closed bag (metadata.yaml present) whose mcap was cut short, e.g. by an interrupted copy: rosbags only says
+    "File end magic is invalid"; the error names the truncation and the salvage path (the storage file itself)."""
+    tl = demo_timeline([("pick up the cube", 3)])
+    bag = write_bag(tmp_path / "bag", tl.events, "mcap")
+    storage = bag / "bag.mcap"
+    storage.write_bytes(storage.read_bytes()[:-40])
+    with pytest.raises(DataError) as error:
+        read_bag(bag)
+    message = str(error.value)
+    assert "bag.mcap is truncated (an interrupted recording or copy?)" in message
+    assert f"refinevla convert --bag {storage} --out DATASET" in message
+    episodes, report = read_bag(storage)  # the hinted path: cut at the last complete record, said so
+    assert report.recovered and len(episodes) == 1
+
+
 def test_recording_refuses_an_existing_path_and_unknown_types(tmp_path):
     (tmp_path / "bag").mkdir()
     with pytest.raises(DataError, match=r"choose a new --out"):
