@@ -71,6 +71,10 @@ class Policy:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         model = load_checkpoint(path, device=device, dtype=config.dtype or None, verify=config.verify)
+        if getattr(model, "family", None) == "pi0":  # action chunks: executed and re-planned by Pi0Policy
+            from refinevla_core.model.pi0.policy_pi0 import Pi0Policy
+
+            return Pi0Policy(model, config)  # type: ignore[return-value]
         return cls(model, config)
 
     @property

@@ -84,6 +84,10 @@ def save_checkpoint(  # noqa: PLR0917 (the positional order is the API the train
     pathlib.Path to copy. An existing *checkpoint* at `directory` is replaced; any other existing folder is refused.
     """
     directory = Path(directory)
+    if getattr(refinevla_config, "family", None) == "pi0":
+        from refinevla_core.model.pi0.checkpoint_pi0 import save_pi0_checkpoint
+
+        return save_pi0_checkpoint(directory, model, processor, stats, refinevla_config, extra_files)
     vlm = getattr(model, "vlm", model)
     if not isinstance(stats, ActionStats):
         raise CheckpointError(
@@ -218,6 +222,10 @@ def load_checkpoint(
     from refinevla_core.model.processor_refinevla import ProcessorError, RefineVLAProcessor
 
     directory = Path(directory)
+    from refinevla_core.model.pi0.checkpoint_pi0 import is_pi0_checkpoint, load_pi0_checkpoint
+
+    if is_pi0_checkpoint(directory):
+        return load_pi0_checkpoint(directory, device=device, dtype=dtype, verify=verify)
     verify_checkpoint(directory, verify)
     try:
         config = RefineVLAConfig.from_dict(json.loads((directory / REFINEVLA_CONFIG_NAME).read_text()),

@@ -50,6 +50,10 @@ def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         path = preset_path(str(name_or_path))
         if not path.is_file():
             raise ConfigError(f"unknown model preset {str(name_or_path)!r}; choose one of {available_presets()}")
+    from refinevla_core.model.pi0.configuration_pi0 import RefineVLAPi0Config, is_pi0_config_file
+
+    if is_pi0_config_file(path):  # `family: pi0`: the π0 family (refinevla_core.model.pi0)
+        return RefineVLAPi0Config.from_yaml(path, overrides)  # type: ignore[return-value]
     return RefineVLAConfig.from_yaml(path, overrides)
 
 
@@ -209,6 +213,10 @@ def build_from_preset(
         config = RefineVLAConfig.from_dict(name_or_config.to_dict())
     else:
         config = load_preset(name_or_config, overrides)
+    if getattr(config, "family", None) == "pi0":
+        from refinevla_core.model.pi0.modeling_pi0 import build_pi0
+
+        return build_pi0(config, target_order, base_checkpoint, seed)
     if target_order is not None:
         config = RefineVLAConfig.from_dict({**config.to_dict(), "target_order": target_order})
     if base_checkpoint is not None:

@@ -32,6 +32,7 @@ from refinevla_core.training.config import FreezeConfig
 
 VISION_NAMES = ("vision_tower", "vision_model")
 PROJECTOR_NAMES = ("multi_modal_projector",)
+ACTION_EXPERT_NAMES = ("dit",)  # π0's action expert: a Gemma stack next to the language model, not it
 
 
 # ---- finding the parts of the model ----------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ def find_parts(model: nn.Module) -> ModelParts:
     candidates = [
         n for n, m in modules.items()
         if isinstance(getattr(m, "layers", None), nn.ModuleList) and hasattr(m, "embed_tokens")
-        and not (vision and n.startswith(vision))
+        and not (vision and n.startswith(vision)) and n.rsplit(".", 1)[-1] not in ACTION_EXPERT_NAMES
     ]
     language_model = _shortest(candidates)
     if language_model is None:

@@ -1,0 +1,11 @@
+"""π0 (transformers' native PI0: PaliGemma backbone + flow-matching action expert) as a second ReFineVLA family.
+
+Files follow LeRobot's policy layout: configuration_pi0.py (what the model is and how it is used),
+processor_pi0.py (observations/targets <-> tensors), modeling_pi0.py (joint loss, rationale decoding, chunk sampling),
+checkpoint_pi0.py (the checkpoint folder), policy_pi0.py (chunked execution behind Policy.predict) and
+training_pi0.py (what the trainer asks of a model family).
+"""
+
+from refinevla_core.model.pi0.configuration_pi0 import PI0_CONFIG_NAME, RefineVLAPi0Config, is_pi0_config_file
+
+__all__ = ["PI0_CONFIG_NAME", "RefineVLAPi0Config", "is_pi0_config_file"]

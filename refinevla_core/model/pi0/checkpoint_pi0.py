@@ -1,0 +1,120 @@
+"""π0 ReFineVLA checkpoints: the same folder contract as the PaliGemma family (refinevla_core.model.checkpoint).
+
+    <dir>/config.json, model.safetensors      transformers PI0 (PI0ForConditionalGeneration.from_pretrained loads it)
+    <dir>/tokenizer*, processor_config.json   PI0Processor files (tokenizer + SigLIP image processor)
+    <dir>/stats.json                          the 7-D Bridge action statistics (mean/std normalise, min/max clip)
+    <dir>/refinevla_pi0_config.json           RefineVLAPi0Config (target order, chunking, prompt)
+    <dir>/refinevla_checkpoint.json           manifest (sizes + sha256), written last; verified at load
+
+Written to a temp folder and renamed into place, so a killed save never leaves a half checkpoint under the name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refinevla_core.data.episode import DataError
+from refinevla_core.data.stats import STATS_FILENAME, ActionStats
+from refinevla_core.model.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    MANIFEST_NAME,
+    CheckpointError,
+    _sha256,
+    _write_extra,
+    verify_checkpoint,
+)
+from refinevla_core.model.pi0.configuration_pi0 import PI0_CONFIG_NAME, RefineVLAPi0Config
+
+
+def is_pi0_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / PI0_CONFIG_NAME).is_file()
+
+
+def save_pi0_checkpoint(  # noqa: PLR0917 (save_checkpoint's positional order)
+        directory: str | Path, model: Any, processor: Any, stats: ActionStats | None,
+                        config: RefineVLAPi0Config, extra_files: dict[str, Any] | None = None) -> Path:
+    """Write a complete π0 checkpoint folder atomically (see the module docstring) and return its path."""
+    directory = Path(directory)
+    vlm = getattr(model, "vlm", model)
+    if not isinstance(stats, ActionStats):
+        raise CheckpointError("a π0 checkpoint needs the action statistics it was trained with (ActionStats)")
+    if hasattr(vlm, "peft_config"):
+        raise CheckpointError("the model still has peft adapters; merge them (merge_and_unload) before saving")
+    if directory.exists() and not (directory / MANIFEST_NAME).is_file() and any(directory.iterdir()):
+        raise CheckpointError(f"{directory} exists and is not a refinevla checkpoint; refusing to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving-"))
+    try:
+        vlm.save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(tmp)
+        stats.save(tmp / STATS_FILENAME)
+        (tmp / PI0_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        for name, content in (extra_files or {}).items():
+            if name == PI0_CONFIG_NAME:
+                raise CheckpointError(f"extra file name {name!r} would overwrite a checkpoint file")
+            _write_extra(tmp, name, content)
+        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "family": "pi0", "files": files}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with p.open("rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.replace(old)
+        tmp.replace(directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_pi0_checkpoint(directory: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
+                        verify: str = "auto") -> Any:
+    """A RefineVLAPi0 from a folder written by save_pi0_checkpoint (manifest verified first)."""
+    from transformers import PI0ForConditionalGeneration
+
+    from refinevla_core.model.pi0.modeling_pi0 import DTYPES, Pi0ModelError, RefineVLAPi0
+    from refinevla_core.model.pi0.processor_pi0 import RefineVLAPi0Processor
+
+    directory = Path(directory)
+    verify_checkpoint(directory, verify)  # type: ignore[arg-type]
+    try:
+        config = RefineVLAPi0Config.from_dict(json.loads((directory / PI0_CONFIG_NAME).read_text()),
+                                              where=str(directory / PI0_CONFIG_NAME))
+        stats = ActionStats.load(directory / STATS_FILENAME)
+    except (OSError, json.JSONDecodeError, ValueError, DataError) as e:
+        raise CheckpointError(f"checkpoint {directory}: {e}") from e
+    try:
+        processor = RefineVLAPi0Processor.from_pretrained(directory, config, stats)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"the tokenizer/processor files of {directory} are unusable ({e})") from e
+    try:
+        vlm, info = PI0ForConditionalGeneration.from_pretrained(
+            str(directory), use_safetensors=True, dtype=DTYPES[dtype or config.dtype], local_files_only=True,
+            attn_implementation=config.attn_implementation, output_loading_info=True)
+    except Exception as e:  # safetensors/torch raise many types for damaged or mismatched weights
+        raise CheckpointError(f"the π0 weights in {directory} cannot be loaded ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300]}); copy the checkpoint again") from e
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        raise CheckpointError(f"the weights in {directory} do not fit config.json: missing "
+                              f"{list(info.get('missing_keys', []))[:5]}, mismatched "
+                              f"{list(info.get('mismatched_keys', []))[:5]}")
+    vlm.eval().to(device)
+    try:
+        return RefineVLAPi0(vlm, processor, config, stats)
+    except Pi0ModelError as e:
+        raise CheckpointError(f"checkpoint {directory}: {e}") from e
