@@ -7,7 +7,8 @@ evaluation, and so they can be unit-tested without DDS:
 - non-finite guard: any NaN/inf in an action turns the whole step into a hold (zero motion, gripper unchanged).
 - `clamp_to_workspace`: optional box bounds on the position of the TARGET pose the deltas integrate to.
 - `sanitize_gripper`: Bridge convention 1 = open, 0 = closed; clipped to [0, 1], optionally binarised at 0.5.
-- `StaleImageWatchdog`: is the newest camera image too old to act on? (warn once per stale period)
+- `StaleImageWatchdog`: is the newest camera image too old to act on? Judged by arrival and, for stamped images, by
+  the stamp: a driver re-sending its last frame (same stamp) does not count as a new image. (warn once per period)
 - `ActionGuard`: all of the above for one control step, keeping the integrated target and the last gripper command.
 
 A "hold" is the safe output: zero delta (the arm stays at its current target) and the previous gripper command (an
@@ -170,6 +171,7 @@ class WatchdogStatus:
     age_s: float | None  # age of the newest image; None: no image yet
     warn: bool  # true only on the check where the watchdog first trips (warn once per stale period)
     waited_s: float | None = None  # with no image yet: seconds since the watchdog was started
+    frozen: bool = False  # images keep arriving, but with the stamp of an older one (a frozen driver)
 
     @property
     def reason(self) -> str:
@@ -178,6 +180,9 @@ class WatchdogStatus:
         if self.age_s is None:
             waited = f" ({self.waited_s:.1f} s since start)" if self.waited_s is not None else ""
             return f"no camera image received yet{waited}"
+        if self.frozen:
+            return (f"frozen camera: images keep arriving with the same header stamp for {self.age_s:.2f} s (the "
+                    "driver re-sends its last frame)")
         return f"stale camera image: the newest is {self.age_s:.2f} s old"
 
 
@@ -186,23 +191,41 @@ class StaleImageWatchdog:
 
     Before the first image every check is stale (there is nothing to act on); it warns once when no image came
     within the timeout of `start()`, and once each time images stop for longer than the timeout.
+
+    With stamps (`image_received(now, stamp_ns)`, stamp_ns > 0), an image that repeats the previous image's stamp is
+    not new: a frozen driver re-sending its last frame goes stale like a camera that stopped. `repeats_are_new`
+    (lock-step with a simulator, which re-sends the image it waits on) counts every arrival. Unstamped images
+    (stamp 0) are judged by arrival only.
     """
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, repeats_are_new: bool = False) -> None:
         if not timeout_s > 0:
             raise ValueError(f"image timeout must be positive seconds; got {timeout_s}")
         self.timeout_s = float(timeout_s)
+        self.repeats_are_new = repeats_are_new
         self.started_at: float | None = None
         self.last_image_time: float | None = None
+        self.last_stamp_ns = 0
+        self.repeats = 0  # images that repeated the previous stamp (since the last new one)
         self._tripped = False
 
     def start(self, now: float) -> None:
         """Forget earlier images and start waiting for one (e.g. when control is activated)."""
         self.started_at = now
         self.last_image_time = None
+        self.last_stamp_ns = 0
+        self.repeats = 0
         self._tripped = False
 
-    def image_received(self, now: float) -> None:
+    def image_received(self, now: float, stamp_ns: int = 0) -> None:
+        """An image arrived at `now` (monotonic s) carrying header stamp `stamp_ns` (0: unstamped)."""
+        if stamp_ns and stamp_ns == self.last_stamp_ns and self.last_image_time is not None:
+            self.repeats += 1
+            if not self.repeats_are_new:
+                return  # the same frame again: it is as old as when it first came
+        else:
+            self.repeats = 0
+        self.last_stamp_ns = stamp_ns
         self.last_image_time = now
         self._tripped = False
 
@@ -212,7 +235,8 @@ class StaleImageWatchdog:
             waited = None if self.started_at is None else now - self.started_at
             return WatchdogStatus(stale=True, age_s=None, warn=False, waited_s=waited)
         age = now - self.last_image_time
-        return WatchdogStatus(stale=age > self.timeout_s, age_s=age, warn=False)
+        frozen = self.repeats > 0 and not self.repeats_are_new
+        return WatchdogStatus(stale=age > self.timeout_s, age_s=age, warn=False, frozen=frozen)
 
     def check(self, now: float) -> WatchdogStatus:
         """The state at `now` for the control loop: warn is True once per stale period (and once when no image

@@ -7,6 +7,7 @@ produce a clear warning, never a garbled image fed to the policy (and from there
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from sensor_msgs.msg import CompressedImage, Image
@@ -86,16 +87,17 @@ def msg_to_delta(msg: EndEffectorDelta) -> np.ndarray:
     return np.array([msg.x, msg.y, msg.z, msg.roll, msg.pitch, msg.yaw], dtype=np.float64)
 
 
-def rationale_to_msg(r: Rationale, header: Header | None = None, step: int = 0, rid: int = 0,
-                     fresh: bool = True) -> RationaleMsg:
+def rationale_to_msg(r: Rationale | Any | None, header: Header | None = None, step: int = 0, rid: int = 0,
+                     fresh: bool = True, *, text: str = "") -> RationaleMsg:
+    """A Rationale -> refinevla/Rationale. Also takes generated text that did not parse (r None, or an object with
+    some of the four sections as strings): the text is kept, missing sections are empty."""
     msg = RationaleMsg()
     if header is not None:
         msg.header = header
-    msg.observation = r.observation
-    msg.situation_analysis = r.situation_analysis
-    msg.spatial_reasoning = r.spatial_reasoning
-    msg.task_planning = r.task_planning
-    msg.text = r.text()
+    for section in ("observation", "situation_analysis", "spatial_reasoning", "task_planning"):
+        value = getattr(r, section, "")
+        setattr(msg, section, value if isinstance(value, str) else "")
+    msg.text = text or (r.text() if r is not None else "")
     msg.step = int(step)
     msg.id = int(rid)
     msg.fresh = bool(fresh)

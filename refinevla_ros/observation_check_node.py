@@ -7,22 +7,18 @@ whether the camera encoding, size, rate and instruction reach the policy side. I
 
 from __future__ import annotations
 
+import sys
 import time
 
-import rclpy
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from refinevla.msg import Rationale as RationaleMsg
 from refinevla_core.rationale import Rationale
 from refinevla_ros.conversions import ImageConversionError, decode_text, image_to_rgb, rationale_to_msg
-
-# instructions must reach late joiners: `ros2 topic pub --once` before the node is up still arrives
-INSTRUCTION_QOS = QoSProfile(
-    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-)
+from refinevla_ros.run import run_node
+from refinevla_ros.topics import CAMERA_QOS, IMAGE_TOPIC, INSTRUCTION_QOS, INSTRUCTION_TOPIC
 
 
 class ObservationCheckNode(Node):
@@ -33,8 +29,8 @@ class ObservationCheckNode(Node):
         self.frames = 0
         self.first_frame_time: float | None = None
         self.report_pub = self.create_publisher(RationaleMsg, "/refinevla/observation_check", 10)
-        self.create_subscription(String, "/refinevla/instruction", self.on_instruction, INSTRUCTION_QOS)
-        self.create_subscription(Image, "/camera/image_raw", self.on_image, qos_profile_sensor_data)
+        self.create_subscription(String, INSTRUCTION_TOPIC, self.on_instruction, INSTRUCTION_QOS)
+        self.create_subscription(Image, IMAGE_TOPIC, self.on_image, CAMERA_QOS)
 
     def on_instruction(self, msg: String) -> None:
         try:
@@ -68,17 +64,9 @@ class ObservationCheckNode(Node):
         self.report_pub.publish(rationale_to_msg(report, header=msg.header, step=self.frames, rid=self.frames))
 
 
-def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = ObservationCheckNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+def main(args: list[str] | None = None) -> int:
+    return run_node(ObservationCheckNode, "observation_check", args=args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,20 +2,31 @@
 
 A node declares every field of its config dataclass as a parameter (nested dataclasses become dotted names), so
 `config/*.yaml`, `--ros-args -p key:=value` and the Python API all speak one vocabulary.
+
+Unknown parameters are an error, not silently ignored (a misspelt safety limit would otherwise run with the
+default): nodes pass `DECLARE_OVERRIDES` to `Node.__init__`, so rclpy declares every override it was given (params
+file or `-p`); `declare_config` re-declares the known ones with their types and raises ConfigError naming each
+unknown key and the closest valid name. rclpy (Jazzy) has no public accessor for the overrides; this uses only
+public API.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from typing import Any, TypeVar
 
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from refinevla_core.config import from_dict
+from refinevla_core.config import ConfigError, from_dict
 
 T = TypeVar("T")
+DECLARE_OVERRIDES: dict[str, Any] = {"automatically_declare_parameters_from_overrides": True}
+# parameters every rclpy node has (or ROS tooling sets), never "unknown"
+ROS_PARAMETERS = ("use_sim_time", "start_type_description_service")
+ROS_PARAMETER_PREFIXES = ("qos_overrides.",)
 
 
 def _flat_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
@@ -41,10 +52,29 @@ def _flat_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
 
 
 def declare_config(node: Node, cls: type[T]) -> T:
-    """Declare `cls`'s fields as parameters (defaults from the dataclass) and return the validated config."""
-    for name, default in _flat_defaults(cls).items():
+    """Declare `cls`'s fields as parameters (defaults from the dataclass) and return the validated config.
+    ConfigError when the node was given a parameter that is not one of them (see DECLARE_OVERRIDES)."""
+    fields = _flat_defaults(cls)
+    given = set(node.list_parameters([], 0).names)  # overrides declared by DECLARE_OVERRIDES, and rclpy's own
+    for name, default in fields.items():
+        if node.has_parameter(name):  # declared from an override with the override's type: declare with ours
+            node.undeclare_parameter(name)
         node.declare_parameter(name, default)
+    check_unknown(node.get_name(), given - set(fields), list(fields))
     return read_config(node, cls)
+
+
+def check_unknown(node_name: str, names: set[str], valid: list[str]) -> None:
+    """ConfigError naming every unknown parameter and the closest valid name (difflib)."""
+    unknown = sorted(n for n in names if n not in ROS_PARAMETERS and not n.startswith(ROS_PARAMETER_PREFIXES))
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    raise ConfigError(f"{node_name}: unknown parameter(s) {', '.join(parts)}; a misspelt parameter would silently "
+                      f"keep its default. Valid parameters: {', '.join(valid)}")
 
 
 def read_config(node: Node, cls: type[T]) -> T:

@@ -42,10 +42,9 @@ import time
 from typing import Any
 
 import numpy as np
-import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Float64, Header, String
 from std_srvs.srv import Trigger
@@ -56,24 +55,25 @@ from refinevla_core.config import ConfigError
 from refinevla_core.sim.backend import SimBackend, SimError, StepResult, make_backend
 from refinevla_core.sim.config import SimBridgeConfig
 from refinevla_ros.conversions import msg_to_delta, rgb_to_image
-from refinevla_ros.params import declare_config
+from refinevla_ros.params import DECLARE_OVERRIDES, declare_config
+from refinevla_ros.run import BAD_PARAMETERS, run_node
+from refinevla_ros.topics import (
+    ACTION_TOPIC,
+    CAMERA_INFO_TOPIC,
+    COMMAND_QOS,
+    EE_DELTA_TOPIC,
+    GRIPPER_TOPIC,
+    IMAGE_TOPIC,
+    INSTRUCTION_QOS,
+    INSTRUCTION_TOPIC,
+    LATCHED_QOS,
+    NEXT_TASK_SERVICE,
+    PRIVILEGED_STATE_TOPIC,
+    RESET_SERVICE,
+    STATUS_TOPIC,
+)
 
-IMAGE_TOPIC = "/camera/image_raw"
-CAMERA_INFO_TOPIC = "/camera/camera_info"
-INSTRUCTION_TOPIC = "/refinevla/instruction"
-EE_DELTA_TOPIC = "/refinevla/ee_delta"
-GRIPPER_TOPIC = "/refinevla/gripper"
-ACTION_TOPIC = "/refinevla/action"
-STATUS_TOPIC = "/refinevla/episode_status"
-PRIVILEGED_STATE_TOPIC = "/refinevla/sim/privileged_state"
-RESET_SERVICE = "/refinevla/reset_episode"
-NEXT_TASK_SERVICE = "/refinevla/next_task"
-
-INSTRUCTION_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-STATUS_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-STATE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+STATUS_QOS = STATE_QOS = LATCHED_QOS
 WATCH_PERIOD_S = 0.05  # lockstep bookkeeping (grace, timeout, re-send); steps themselves happen in callbacks
 
 
@@ -96,7 +96,7 @@ def camera_info_msg(k: np.ndarray, width: int, height: int, header: Header) -> C
 
 class SimBridgeNode(Node):
     def __init__(self, backend_factory: Any = make_backend) -> None:
-        super().__init__("sim_bridge")
+        super().__init__("sim_bridge", **DECLARE_OVERRIDES)
         self.config: SimBridgeConfig = declare_config(self, SimBridgeConfig)
         self._backend_factory = backend_factory
         cfg = self.config
@@ -349,22 +349,10 @@ class SimBridgeNode(Node):
         super().destroy_node()
 
 
-def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    try:
-        node = SimBridgeNode()
-    except (SimError, ConfigError, ValueError) as e:
-        print(f"[sim_bridge] cannot start: {e}", file=sys.stderr)
-        rclpy.try_shutdown()
-        sys.exit(1)
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+def main(args: list[str] | None = None) -> int:
+    return run_node(SimBridgeNode, "[sim_bridge]", args=args,
+                    fatal=(((SimError, ValueError, *BAD_PARAMETERS), 1, "cannot start"),))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,31 +25,24 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import rclpy
-from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy
-from rclpy.signals import SignalHandlerOptions
 from std_msgs.msg import Float64
 from std_srvs.srv import SetBool, Trigger
 
 from refinevla.msg import EndEffectorDelta
-from refinevla_core.config import ConfigError
 from refinevla_core.pose import apply_ee_delta, is_valid_pose, matrix_to_euler, pose_matrix
 from refinevla_core.safety import SafetyConfig, clamp_to_workspace, clip_delta, sanitize_gripper
-from refinevla_ros.params import declare_config
-from refinevla_ros.policy_node import EE_DELTA_TOPIC, GRIPPER_TOPIC
+from refinevla_ros.params import DECLARE_OVERRIDES, declare_config
+from refinevla_ros.run import DEFAULT_FATAL, run_node
+from refinevla_ros.topics import COMMAND_QOS, EE_DELTA_TOPIC, GRIPPER_TOPIC
 
 DEFAULT_ARM_CLASS = "interbotix_xs_modules.xs_robot.arm:InterbotixManipulatorXS"
-COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 WARN_PERIOD_S = 5.0
 
 
@@ -115,7 +108,7 @@ def start_arm(cfg: WidowXNodeConfig, arm_class: type) -> Any:
 
 class WidowXNode(Node):
     def __init__(self, node_name: str = "widowx_node", **kwargs: Any) -> None:
-        super().__init__(node_name, **kwargs)
+        super().__init__(node_name, **{**DECLARE_OVERRIDES, **kwargs})
         self.config: WidowXNodeConfig = declare_config(self, WidowXNodeConfig)
         cfg = self.config
         self.base_frame = cfg.base_frame_id or f"{cfg.namespace}/base_link"
@@ -251,6 +244,12 @@ class WidowXNode(Node):
         response.success, response.message = True, "stopped; call ~/enable with data: true to resume"
         return response
 
+    def shut_down(self) -> None:
+        """On the way out: no further command is executed; the arm holds its last target."""
+        self.enabled = False
+        self.get_logger().info("shutting down: the arm holds its last target; " + ", ".join(
+            f"{k} {v}" for k, v in self.counts.items()))
+
     def on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         self.enabled = bool(request.data)
         if self.enabled and self.bot is not None:
@@ -261,31 +260,8 @@ class WidowXNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        node = WidowXNode()
-    except (ConfigError, InvalidParameterTypeException, InvalidParameterValueException) as e:
-        print(f"widowx_node: bad parameters: {e} (numbers declared as floats need a decimal point, e.g. 5.0)",
-              file=sys.stderr)
-        rclpy.try_shutdown()
-        return 2
-    except ArmUnavailableError as e:
-        print(f"widowx_node: {e}", file=sys.stderr)
-        rclpy.try_shutdown()
-        return 1
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        while rclpy.ok():  # wakes every 0.1 s so SIGINT/SIGTERM (KeyboardInterrupt) is handled promptly
-            executor.spin_once(timeout_sec=0.1)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(WidowXNode, "widowx_node", args=args, fatal=(*DEFAULT_FATAL, ((ArmUnavailableError,), 1, "")),
+                    on_exit=WidowXNode.shut_down)
 
 
 if __name__ == "__main__":
