@@ -251,3 +251,15 @@ def test_policy_refuses_unsupported_modes_and_bad_replanning(tiny):
         Pi0Policy(tiny, PolicyConfig(rationale_mode="async"))
     with pytest.raises(ConfigError, match=r"replan_every must be in 1\.\.chunk_size"):
         Pi0Policy(tiny, PolicyConfig(), replan_every=9)
+
+
+def test_lora_keeps_the_expert_training_and_saves_a_merged_checkpoint(dataset, tmp_path):
+    trainer, result = train_tiny(dataset, tmp_path / "lora", **{"lora.enabled": True, "lora.save_adapter": False})
+    trainable = {n for n, p in trainer.refinevla.vlm.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n and ".language_model.layers.1." in n for n in trainable)
+    assert not any("lora_" in n and ".language_model.layers.0." in n for n in trainable)
+    assert any(".dit.layers." in n and "lora_" not in n for n in trainable), "the expert trains fully under LoRA"
+    merged = load_checkpoint(result.final_checkpoint)
+    assert not hasattr(merged.vlm, "peft_config")
+    with pytest.raises(ConfigError, match="gradient_checkpointing is not available for π0"):
+        train_tiny(dataset, tmp_path / "gc", gradient_checkpointing=True)

@@ -156,6 +156,12 @@ class RefineVLAPi0(torch.nn.Module):
                                 f"{config.max_action_dim}/{config.max_state_dim}")
 
     @property
+    def pi0(self) -> Any:
+        """The PI0ForConditionalGeneration (under peft's wrapper when LoRA is on: the adapters sit inside it)."""
+        get_base = getattr(self.vlm, "get_base_model", None)
+        return get_base() if callable(get_base) else self.vlm
+
+    @property
     def stats(self) -> ActionStats | None:
         return self.processor.stats
 
@@ -165,11 +171,11 @@ class RefineVLAPi0(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.vlm.action_out_proj.weight.dtype
+        return self.pi0.action_out_proj.weight.dtype
 
     def embedding_matrix(self) -> torch.Tensor:
         """The VLM's token embeddings: PaliGemma ties its LM head to them, so they also give the rationale logits."""
-        return self.vlm.model.vlm.get_input_embeddings().weight
+        return self.pi0.model.vlm.get_input_embeddings().weight
 
     def new_token_ids(self) -> list[int]:
         return []  # the rationale is ordinary text; π0 adds no tokens
@@ -226,7 +232,7 @@ class RefineVLAPi0(torch.nn.Module):
     def _prefix_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                      pixel_attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> Any:
         """The VLM over the prefix (+ rationale): last hidden states and the KV cache the expert attends to."""
-        pi0 = self.vlm.model
+        pi0 = self.pi0.model
         embeds = pi0.embed_prefix(input_ids, pixel_values.to(self.dtype), pixel_attention_mask)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -235,7 +241,7 @@ class RefineVLAPi0(torch.nn.Module):
 
     def _velocity(self, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, dit_attention_mask: torch.Tensor,
                   cache: Any) -> torch.Tensor:
-        out = self.vlm(state=state.to(self.dtype), noise=x_t.to(self.dtype), timestep=t,
+        out = self.pi0(state=state.to(self.dtype), noise=x_t.to(self.dtype), timestep=t,
                        attention_mask=dit_attention_mask, cache=cache)
         return out.logits
 
@@ -252,7 +258,7 @@ class RefineVLAPi0(torch.nn.Module):
                                 batch["pixel_attention_mask"], batch["token_type_ids"])
         actions = batch["actions"].float()
         n = actions.shape[0]
-        hf = self.vlm.config
+        hf = self.pi0.config
         if noise is None:
             noise = torch.randn_like(actions)
         if timestep is None:
@@ -289,7 +295,7 @@ class RefineVLAPi0(torch.nn.Module):
         """Greedy, KV-cached: each new token is fed into `cache`; rows that finished feed masked padding."""
         proc = self.processor
         banned = [proc.image_token_id, proc.pad_id, proc.bos_id]
-        embed = self.vlm.model.vlm.get_input_embeddings()
+        embed = self.pi0.model.vlm.get_input_embeddings()
         n = attention_mask.shape[0]
         ids: list[list[int]] = [[] for _ in range(n)]
         done = torch.zeros(n, dtype=torch.bool, device=attention_mask.device)
@@ -305,7 +311,7 @@ class RefineVLAPi0(torch.nn.Module):
                     ids[b].append(int(token[b]))
             attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=1)
             done = done | (token == proc.eos_id)
-            out = self.vlm.model.vlm(inputs_embeds=embed(token[:, None]), attention_mask=attention_mask,
+            out = self.pi0.model.vlm(inputs_embeds=embed(token[:, None]), attention_mask=attention_mask,
                                      position_ids=attention_mask.cumsum(-1)[:, -1:] - 1, cache=cache, use_cache=True)
             if bool(done.all()):
                 break
@@ -326,7 +332,7 @@ class RefineVLAPi0(torch.nn.Module):
                 fed_mask[b, : len(r)] = 1
         attention_mask = torch.cat([attention_mask, fed_mask], dim=1)
         positions = (attention_mask.cumsum(-1) - 1)[:, -length:]
-        self.vlm.model.vlm(inputs_embeds=self.vlm.model.vlm.get_input_embeddings()(ids), cache=cache,
+        self.pi0.model.vlm(inputs_embeds=self.pi0.model.vlm.get_input_embeddings()(ids), cache=cache,
                            attention_mask=attention_mask, position_ids=positions, use_cache=True)
         return attention_mask
 

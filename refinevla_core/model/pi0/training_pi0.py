@@ -68,8 +68,15 @@ def _starts(name: str, prefixes: tuple[str, ...]) -> bool:
 
 def prepare_training(model: Any, config: Any) -> Any:
     """Freeze per config.freeze (+ LoRA), as described in the module docstring; returns the FreezeReport."""
+    from refinevla_core.config import ConfigError
     from refinevla_core.training.freezing import apply_lora, apply_selective_transfer, describe, find_parts
 
+    if config.gradient_checkpointing:
+        raise ConfigError(
+            "gradient_checkpointing is not available for π0: transformers' PI0 hands the VLM's keys/values to the "
+            "action expert through a cache, which gradient checkpointing drops. Fit memory with more frozen layers "
+            "(freeze.language_layers), lora.enabled=true, a smaller batch_size with grad_accumulation, or FSDP"
+        )
     report = apply_selective_transfer(model.vlm, config.freeze, [])
     parts = find_parts(model.vlm)
     last = parts.layers[-1] + "."
