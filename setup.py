@@ -4,7 +4,31 @@ The ROS 2 package (messages, nodes, launch files) is built by CMakeLists.txt: co
 ./setup.sh with the pip ROS wheels.
 """
 
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildWithPresets(build_py):
+    """Ship config/*.yaml inside the wheel as refinevla_core/presets/, so `refinevla train --config train_tiny` and the
+    demo find their presets from any folder after a plain `pip install` (refinevla_core.config.CONFIG_DIRS)."""
+
+    def run(self) -> None:
+        super().run()
+        presets = Path(self.build_lib) / "refinevla_core" / "presets"
+        presets.mkdir(parents=True, exist_ok=True)
+        for path in sorted(Path(__file__).resolve().parent.joinpath("config").glob("*.yaml")):
+            shutil.copy2(path, presets / path.name)
+
+
+# Node launchers on the venv's PATH: the ROS nodes without a system ROS 2 (`ros2 run` needs one). Each takes the usual
+# `--ros-args ...` plus the shorthand `--params-file NAME_OR_PATH` (refinevla_ros.launchers).
+NODE_SCRIPTS = [
+    f"refinevla-{name.replace('_', '-')}-node = refinevla_ros.launchers:{name}_node"
+    for name in ("policy", "sim_bridge", "widowx", "observation_check")
+] + ["refinevla-topic = refinevla_ros.topic_cli:main"]
 
 setup(
     name="refinevla",
@@ -36,5 +60,6 @@ setup(
         "sim": ["mani-skill==3.0.1", "sapien==3.0.3"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.8"],
     },
-    entry_points={"console_scripts": ["refinevla = refinevla_core.cli:main"]},
+    cmdclass={"build_py": BuildWithPresets},
+    entry_points={"console_scripts": ["refinevla = refinevla_core.cli:main", *NODE_SCRIPTS]},
 )
