@@ -7,9 +7,11 @@ produce a clear warning, never a garbled image fed to the policy (and from there
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any
 
 import numpy as np
+from builtin_interfaces.msg import Time
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
@@ -115,6 +117,8 @@ def decode_text(data: str | bytes, max_chars: int) -> str:
             data = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"instruction is not valid UTF-8 ({e})") from e
+    if "\ufffd" in data:  # rclpy decodes invalid UTF-8 on the wire as U+FFFD
+        raise ValueError("instruction contains bytes that are not valid UTF-8 (shown as U+FFFD); publish UTF-8 text")
     text = " ".join(data.split())
     if not text:
         raise ValueError("instruction is empty")
@@ -123,3 +127,20 @@ def decode_text(data: str | bytes, max_chars: int) -> str:
             f"instruction has {len(text)} characters; the limit is {max_chars} (parameter max_instruction_chars)"
         )
     return text
+
+
+def stamp_to_ns(stamp: Time) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def ns_to_time(ns: int) -> Time:
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+def serialized_stamp_ns(serialized: bytes) -> int:
+    """The header stamp of a serialized message that starts with a std_msgs/Header (Image, CompressedImage), read
+    without deserializing the rest (CDR: 4-byte encapsulation, then int32 sec, uint32 nanosec); 0 if too short."""
+    if len(serialized) < 12:
+        return 0
+    sec, nanosec = struct.unpack_from("<iI" if serialized[1] == 1 else ">iI", serialized, 4)
+    return sec * 1_000_000_000 + nanosec
