@@ -123,7 +123,7 @@ class _Peer:
         from std_msgs.msg import String
 
         from refinevla.msg import Action, EndEffectorDelta
-        from refinevla_ros.policy_node import INSTRUCTION_QOS
+        from refinevla_ros.topics import INSTRUCTION_QOS
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain_id)
@@ -243,7 +243,8 @@ def _camera_phase(args: argparse.Namespace, peer: _Peer, node: _NodeUnderTest, s
     next_frame, next_rss, i = t0, t0 + (rss_every_s or float("inf")), 0
     while (now := time.perf_counter()) - t0 < seconds:
         if now >= next_frame:
-            stamp = 2_000_000_000 + i
+            # stamped on the node clock, as a camera driver does (the node holds on stamps older than its timeout)
+            stamp = peer.node.get_clock().now().nanoseconds
             msg = messages[i % len(messages)]
             msg.header.stamp.sec, msg.header.stamp.nanosec = stamp // 1_000_000_000, stamp % 1_000_000_000
             published_at[stamp] = time.perf_counter()

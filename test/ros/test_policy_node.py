@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rclpy.duration
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
@@ -480,3 +481,79 @@ def test_rationales_that_do_not_parse_are_published_as_generated_and_the_action_
         assert all(a.guard_reason != "" and "internal error" not in a.guard_reason for a in out.moving())
         assert not [a for a in out.actions if "internal error" in a.guard_reason]
         assert "could not be published" not in proc.output()
+
+
+def test_a_frozen_camera_and_old_stamps_hold_with_a_reason_and_one_warning():
+    """Images keep arriving but repeat one header stamp (a frozen driver re-sending its last frame), then arrive
+    stamped 30 s in the past: both hold still with a reason, each warned once; fresh stamps move again."""
+    timeout = 0.5
+    with peer_node("frozen_peer") as (node, ex):
+        out = Outputs(node)
+        node.create_publisher(String, "/refinevla/instruction", INSTRUCTION_QOS).publish(String(data="push"))
+        camera = node.create_publisher(Image, "/camera/image_raw", 10)
+
+        def publish(stamp_offset_s: float | None = None, frozen=None):
+            msg = rgb_to_image(image(150))
+            now = node.get_clock().now()
+            msg.header.stamp = frozen if frozen is not None else (now - rclpy.duration.Duration(
+                seconds=stamp_offset_s or 0.0)).to_msg()
+            camera.publish(msg)
+
+        with node_process(MODULE, policy_args("image_mean_policy", "control_rate_hz:=10.0",
+                                              f"image_timeout_s:={timeout}")) as proc:
+            assert spin_until(ex, lambda: len(out.moving()) >= 3, 60, every=publish), proc.output()
+            frozen = node.get_clock().now().to_msg()
+            n = len(out.actions)
+            assert spin_until(ex, lambda: any("frozen camera" in a.guard_reason for a in out.actions[n:]), 30,
+                              every=lambda: publish(frozen=frozen)), proc.output()
+            first = next(i for i, a in enumerate(out.actions) if i >= n and "frozen camera" in a.guard_reason)
+            spin_until(ex, lambda: len(out.actions) > first + 10, 30, every=lambda: publish(frozen=frozen))
+            assert all(a.safe_hold and not np.any(msg_to_delta(a.delta)) for a in out.actions[first:])
+            moved_while_frozen = [a for a in out.actions[n:first] if not a.safe_hold]
+            assert all(a.header.stamp == frozen for a in moved_while_frozen[1:]), "only the frozen frame"
+
+            n = len(out.actions)  # fresh stamps: motion resumes
+            assert spin_until(ex, lambda: any(not a.safe_hold for a in out.actions[n:]), 30, every=publish)
+            n = len(out.actions)
+            assert spin_until(ex, lambda: sum("old camera stamp" in a.guard_reason for a in out.actions[n:]) >= 10,
+                              30, every=lambda: publish(stamp_offset_s=30.0)), proc.output()
+            old = [a for a in out.actions[n:] if "old camera stamp" in a.guard_reason]
+            assert "stamped 30." in old[0].guard_reason and "image_timeout_s + clock_offset_tolerance_s" in \
+                old[0].guard_reason
+            assert not any(not a.safe_hold for a in out.actions[n + 1:]), "no motion from old-stamped images"
+            assert proc.alive()
+        log = proc.output()
+        assert log.count("frozen camera") == 1 and log.count("old camera stamp") == 1, log
+        out.assert_all_safe()
+
+
+@pytest.mark.parametrize(("module", "args", "words"), [
+    (MODULE, ["-p", "image_timeot_s:=0.5"], "'image_timeot_s' (did you mean image_timeout_s?)"),
+    (MODULE, ["-p", "policy.rationale_mod:=every_step"], "(did you mean policy.rationale_mode?)"),
+    ("refinevla_ros.widowx_node", ["-p", "safety.max_detla:=[0.1, 0.1, 0.1, 0.1, 0.1, 0.1]"],
+     "(did you mean safety.max_delta?)"),
+    ("refinevla_ros.sim_bridge_node", ["-p", "step_mod:=lockstep"], "(did you mean step_mode?)"),
+])
+def test_unknown_parameters_stop_the_node_naming_the_closest_key(module, args, words):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", module, "--ros-args", *args], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[2], env=os.environ.copy())
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "unknown parameter" in r.stderr and words in r.stderr, r.stderr
+
+
+def test_a_misspelt_key_in_a_params_file_stops_the_node(tmp_path):
+    import subprocess
+    import sys
+
+    params = tmp_path / "policy.yaml"
+    params.write_text("policy_node:\n  ros__parameters:\n    image_timeot_s: 0.5\n    safety:\n"
+                      "      max_delta: [0.05, 0.05, 0.05, 0.25, 0.25, 0.25]\n")
+    r = subprocess.run([sys.executable, "-m", MODULE, "--ros-args", "--params-file", str(params)],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+                       env=os.environ.copy())
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "'image_timeot_s' (did you mean image_timeout_s?)" in r.stderr
+    assert "max_delta'" not in r.stderr, "known keys are not reported"
