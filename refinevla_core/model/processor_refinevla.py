@@ -44,7 +44,7 @@ from refinevla_core.model.configuration_refinevla import (
     TokenLayout,
 )
 from refinevla_core.model.tokenizer import ActionTokenizer
-from refinevla_core.rationale import Rationale
+from refinevla_core.rationale import Rationale, RationaleError, parse_rationale
 
 IGNORE_INDEX = -100
 ACTION_DIM = 7
@@ -105,6 +105,15 @@ def token_layout(tokenizer: Any, num_image_tokens: int, n_action_bins: int) -> T
     )
 
 
+def _water_fill(lengths: Sequence[int], budget: int) -> list[int]:
+    """Per-item lengths min(length, cap) with the largest cap whose total fits `budget` (at least 1 each): the
+    longest items are cut first, short ones stay whole."""
+    cap = max(lengths, default=0)
+    while cap > 1 and sum(min(n, cap) for n in lengths) > budget:
+        cap -= 1
+    return [min(n, cap) for n in lengths]
+
+
 @dataclass
 class Target:
     """One training target: the 7 action bins and the rationale token ids (empty: no rationale for this sample)."""
@@ -160,14 +169,37 @@ class RefineVLAProcessor:
         return [self.layout.image_token_id] * self.layout.num_image_tokens + [self.layout.bos_id] + text_ids
 
     def rationale_ids(self, rationale: Rationale | str | None) -> list[int]:
-        """Token ids of a rationale's canonical text, truncated to max_rationale_tokens (empty for None)."""
+        """Token ids of a rationale's canonical text within max_rationale_tokens (empty for None).
+
+        Over the budget, every section is shortened (longest first) and none is dropped, so a model trained on it
+        still learns to write all four sections; `rationale_fits` says whether a text needed that."""
         if rationale is None:
             return []
+        if isinstance(rationale, str):
+            if not rationale.strip():
+                return []
+            try:
+                rationale = parse_rationale(rationale)
+            except RationaleError:  # free text: plain truncation
+                return self.tokenizer.encode(rationale, add_special_tokens=False)[: self.config.max_rationale_tokens]
+        budget = self.config.max_rationale_tokens
+        ids = self.tokenizer.encode(rationale.text(), add_special_tokens=False)
+        if len(ids) <= budget:
+            return ids
+        lines = [self.tokenizer.encode(line, add_special_tokens=False) for line in rationale.text().split("\n")]
+        newline = self.tokenizer.encode("\n", add_special_tokens=False)
+        keep = _water_fill([len(line) for line in lines], budget - len(newline) * (len(lines) - 1))
+        out: list[int] = []
+        for i, (line, n) in enumerate(zip(lines, keep, strict=True)):
+            out += ([*newline] if i else []) + line[:n]
+        return out[:budget]
+
+    def rationale_fits(self, rationale: Rationale | str | None) -> bool:
+        """Whether the whole rationale fits max_rationale_tokens (no section shortened)."""
+        if rationale is None:
+            return True
         text = rationale.text() if isinstance(rationale, Rationale) else str(rationale)
-        if not text.strip():
-            return []
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return ids[: self.config.max_rationale_tokens]
+        return len(self.tokenizer.encode(text, add_special_tokens=False)) <= self.config.max_rationale_tokens
 
     def action_token_ids(self, bins: np.ndarray) -> list[int]:
         return [self.layout.action_token_start + int(b) for b in np.asarray(bins).reshape(-1)]

@@ -16,6 +16,7 @@ import numpy as np
 
 from refinevla_core.data.episode import DataError, Episode
 from refinevla_core.data.episode_dataset import EpisodeDataset
+from refinevla_core.data.stats import ActionStats, compute_stats
 from refinevla_core.rationale import Rationale
 
 # Sub-streams of the run seed, so the split, the order and the dropout never share random numbers.
@@ -146,6 +147,14 @@ class ResumableBatchSampler:
                 cached_epoch = epoch
             chunk = order[within * self.batch_size : (within + 1) * self.batch_size]
             yield [(int(i), epoch) for i in chunk]
+
+
+def training_split_stats(dataset: EpisodeDataset, episodes: Sequence[int]) -> ActionStats:
+    """Action statistics of the training episodes only: the action bins (q01/q99) and the mean-action baseline
+    must not be fitted on the held-out actions they are scored against."""
+    if not episodes:
+        raise DataError("the training split has no episodes")
+    return compute_stats(np.concatenate([dataset.load_episode(e, with_images=False).actions for e in episodes]))
 
 
 def validation_indices(num_items: int, max_frames: int) -> list[int]:

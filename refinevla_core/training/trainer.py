@@ -48,6 +48,7 @@ from refinevla_core.training.data import (
     ResumableBatchSampler,
     TrainingSample,
     split_episodes,
+    training_split_stats,
     validation_indices,
 )
 from refinevla_core.training.freezing import (
@@ -64,6 +65,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 PROGRESS_NAME = "progress.json"
 METRICS_NAME = "metrics.json"
 CURVE_NAME = "loss_curve.png"
+TRUNCATION_WARN_SHARE = 0.1  # above this share of shortened rationales the trainer warns
 
 
 @dataclass
@@ -138,15 +140,15 @@ def _check_model_source(config: TrainConfig) -> None:
 
 
 def _check_distributed_type(accelerator: Any) -> None:
-    """Sharded training (FSDP, DeepSpeed, Megatron) is refused with the alternative named: the checkpoint export
-    (new-token rows folded into the head, LoRA merged) works on whole parameters and has only been verified for one
-    process and DDP. Selective transfer trains ~5 % of PaliGemma2-3B, so DDP holds the model on each 80 GB GPU."""
+    """DeepSpeed and Megatron are refused with the alternatives named: the checkpoint export (new-token rows folded
+    into the head, LoRA merged) works on whole parameters; one device, DDP and FSDP (training/fsdp.py gathers the
+    full weights for the export) are supported."""
     kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(
-            f"refinevla train runs on one device or with DDP; {kind} is not supported (its sharded parameters are "
-            "not exported by this trainer). Launch with `accelerate launch --multi_gpu` (DDP) instead, and use "
-            "lora.enabled=true, precision=bf16 and gradient_checkpointing=true to fit in memory"
+            f"refinevla train runs on one device, with DDP or with FSDP; {kind} is not supported (its sharded "
+            "parameters are not exported by this trainer). Launch with `accelerate launch --multi_gpu` (DDP) or "
+            "`accelerate launch --config_file config/accelerate_fsdp.yaml` (FSDP, full fine-tuning) instead"
         )
 
 
@@ -246,23 +248,26 @@ class Trainer:
         # cpu=True also on a machine without CUDA: that is what makes accelerate run several CPU processes (torchrun)
         # as one DDP job over gloo instead of as independent single-process runs
         cpu = self.config.device == "cpu" or not torch.cuda.is_available()
-        return Accelerator(mixed_precision="bf16" if self.config.precision == "bf16" else "no", cpu=cpu)
+        from refinevla_core.training.fsdp import prepare_fsdp
 
-    def _open_data(self) -> tuple[EpisodeDataset, Any]:
+        acc = Accelerator(mixed_precision="bf16" if self.config.precision == "bf16" else "no", cpu=cpu)
+        return prepare_fsdp(acc, self.config)  # FSDP also for CPU processes when requested; no LoRA under FSDP
+
+    def _open_data(self) -> EpisodeDataset:
         from refinevla_core.data.stats import load_dataset_stats
 
         if not self.config.dataset:
             raise ConfigError("dataset is not set; give dataset=<folder written by refinevla collect/convert>")
         dataset = EpisodeDataset(self.config.dataset)
-        stats = load_dataset_stats(dataset)  # DataError naming compute_dataset_stats when missing or stale
-        return dataset, stats
+        load_dataset_stats(dataset)  # DataError naming compute_dataset_stats when missing or stale: fail early
+        return dataset
 
     def _setup(self) -> None:
         cfg = self.config
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         # every check that can fail comes before anything is written: a bad config leaves no half-made run behind
-        dataset, self.stats = self._open_data()  # before the model: a missing dataset fails in a second
+        dataset = self._open_data()  # before the model: a missing dataset fails in a second
         _check_model_source(cfg)
         self.resume_from = _resume_point(cfg, self.output_dir)
         if self.resume_from is not None:
@@ -273,10 +278,10 @@ class Trainer:
 
         set_seed(cfg.seed)
         model = build_model(cfg)
-        model.processor.set_action_stats(self.stats)
         self.refinevla = model
-        report = apply_selective_transfer(model.vlm, cfg.freeze, new_token_ids(model))
-        if cfg.lora.enabled:
+        family_report = model.prepare_training(cfg) if hasattr(model, "prepare_training") else None  # π0 family
+        report = family_report or apply_selective_transfer(model.vlm, cfg.freeze, new_token_ids(model))
+        if cfg.lora.enabled and family_report is None:
             model.vlm = apply_lora(model.vlm, report, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                                    module_names=cfg.lora.target_modules)
             rows = describe(model.vlm)
@@ -304,12 +309,22 @@ class Trainer:
         self.log(apply_training_precision(model.vlm, cfg.precision).describe())  # fp32 master weights
 
         train_eps, val_eps = split_episodes(len(dataset), cfg.val_fraction, cfg.seed)
-        self.train_frames = EpisodeFrames(dataset, train_eps, seed=cfg.seed, rationale_dropout=cfg.rationale_dropout)
-        self.val_frames = EpisodeFrames(dataset, val_eps, seed=cfg.seed)
+        self.stats = training_split_stats(dataset, train_eps)  # held-out actions never shape the bins
+        model.processor.set_action_stats(self.stats)
+        # λ_r = 0 is plain action fine-tuning in every target order: no rationale is ever fed as input either
+        dropout = 1.0 if cfg.lambda_rationale == 0 else cfg.rationale_dropout
+        if dropout != cfg.rationale_dropout:
+            self.log(f"λ_r = 0: plain action fine-tuning, rationales are never fed (rationale_dropout "
+                     f"{cfg.rationale_dropout:.0%} -> 100%)")
+        frames = getattr(model, "training_frames", EpisodeFrames)  # π0: samples carry action chunks
+        self.train_frames = frames(dataset, train_eps, seed=cfg.seed, rationale_dropout=dropout)
+        self.val_frames = frames(dataset, val_eps, seed=cfg.seed)
         self.val_keys = validation_indices(len(self.val_frames), cfg.val_max_frames) if len(self.val_frames) else []
         if self.train_frames.num_with_rationale == 0 and cfg.lambda_rationale > 0:
             self.log(f"warning: no training frame has a rationale (run `refinevla annotate` on {cfg.dataset}); "
                      "only the action term trains")
+        self.truncated_share = self._report_truncation(dataset) if self.train_frames.num_with_rationale and \
+            cfg.lambda_rationale > 0 else None
         per_epoch = len(self.train_frames) // cfg.batch_size
         if per_epoch == 0:
             raise DataError(
@@ -336,18 +351,21 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
+        optimizer = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.optimizer](
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
         )
         from transformers import get_scheduler
+
+        from refinevla_core.model.checkpoint import save_tied_weights_quietly
 
         schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
         self.scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_for(self.total_steps),
                                        num_training_steps=self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)  # stepped once per optimizer step, on every process
-        self.collate = Collator(model.processor)
+        save_tied_weights_quietly(acc)  # no "Removed shared tensor" alarm at every save
+        self.collate = getattr(model, "collator", Collator)(model.processor)
         self.progress = Progress()
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from / "trainer_state"))
@@ -356,10 +374,27 @@ class Trainer:
             )
             self.log(f"resumed from {self.resume_from} at step {self.progress.step}")
 
+    def _report_truncation(self, dataset: EpisodeDataset, sample: int = 2000) -> float:
+        """Share of training rationales longer than max_rationale_tokens (their sections get shortened): printed
+        always, a warning above TRUNCATION_WARN_SHARE - a model cannot learn the part of a rationale it never sees."""
+        processor = self.refinevla.processor
+        rationales = dataset.rationales()
+        keys = [ref for ref in self.train_frames.refs if ref in rationales]
+        keys = [keys[i] for i in np.linspace(0, len(keys) - 1, min(sample, len(keys))).round().astype(int)]
+        share = sum(not processor.rationale_fits(rationales[k]) for k in keys) / len(keys)
+        budget = processor.config.max_rationale_tokens
+        self.log(f"rationales: {share:.1%} of the training rationales exceed {budget} tokens (sections shortened)")
+        if share > TRUNCATION_WARN_SHARE:
+            self.log(f"warning: {share:.0%} of the rationales are shortened to {budget} tokens; raise "
+                     "max_rationale_tokens or make the teacher's rationales shorter")
+        return share
+
     # ---- one step ---------------------------------------------------------------------------------------------
     def _loss(self, batch: dict[str, torch.Tensor], lambda_rationale: float) -> Any:
         device = self.accelerator.device
         batch = {k: v.to(device) for k, v in batch.items()}
+        if getattr(self.refinevla, "family", None) == "pi0":  # computes its own joint loss (flow + λ_r · CE)
+            return self.model(**batch, lambda_rationale=lambda_rationale).joint_loss, None, batch
         out = self.model(**batch)
         return joint_loss(out.logits, batch["labels"], batch["action_mask"], batch["rationale_mask"],
                           lambda_rationale, format_mask=batch.get("format_mask")), out.logits, batch
@@ -409,17 +444,21 @@ class Trainer:
     # ---- validation -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Teacher-forced metrics on held-out episodes: action/rationale token accuracy, L1 of the decoded actions
-        (argmax over action tokens only, as the constrained decoder does), the val loss terms, and the L1 of always
-        predicting the training mean action for reference."""
+        """Held-out metrics. `action_l1` / `action_l1_xyz`: actions decoded as the policy decodes them (greedy,
+        constrained to action tokens, no rationale in context - for rationale-first models that is the action-only
+        mode); `*_teacher_forced`: the same with the true previous tokens (and, in training's layout, the teacher's
+        rationale) in context; `*_mean_action`: always predicting the training split's mean action. Plus token
+        accuracies and the validation loss terms."""
         if not self.val_keys:
             return {}
+        if hasattr(self.refinevla, "evaluate_for"):  # π0: continuous action chunks, its own metrics
+            return self.refinevla.evaluate_for(self)
         cfg = self.config
         processor = self.refinevla.processor
         lay = processor.layout
         self.model.eval()
         counts = dict.fromkeys(("act_ok", "act_n", "rat_ok", "rat_n", "act_loss", "act_loss_n", "rat_loss"), 0.0)
-        errors, truth = [], []
+        forced, free, truth = [], [], []
         for start in range(0, len(self.val_keys), cfg.batch_size):
             samples = [self.val_frames[i] for i in self.val_keys[start : start + cfg.batch_size]]
             loss, logits, batch = self._loss(self.collate(samples), cfg.lambda_rationale)
@@ -433,20 +472,26 @@ class Trainer:
             mask = batch["action_mask"][:, 1:]
             action_logits = logits[:, :-1][mask][:, lay.action_token_start : lay.action_token_end]
             bins = action_logits.argmax(-1).reshape(len(samples), -1).cpu().numpy()
-            predicted = processor.decode_actions(bins)
-            actual = batch["actions"].cpu().numpy()
-            errors.append(np.abs(predicted - actual))
-            truth.append(actual)
-        err = np.concatenate(errors)
+            forced.append(processor.decode_actions(bins))
+            generated = self.refinevla.generate([s.image for s in samples], [s.instruction for s in samples],
+                                                plan="action")
+            free.append(processor.decode_actions(np.stack([g.action_bins for g in generated])))
+            truth.append(batch["actions"].cpu().numpy())
         actual = np.concatenate(truth)
-        mean_baseline = np.abs(actual - self.stats.mean[None, :]).mean()
+        err = np.abs(np.concatenate(free) - actual)
+        err_forced = np.abs(np.concatenate(forced) - actual)
+        err_mean = np.abs(actual - self.stats.mean[None, :])
         metrics: dict[str, Any] = {
             "step": self.progress.step,
             "frames": len(err),
-            "action_token_accuracy": counts["act_ok"] / max(counts["act_n"], 1),
             "action_l1": float(err.mean()),
+            "action_l1_xyz": float(err[:, :3].mean()),
             "action_l1_per_dim": [float(v) for v in err.mean(axis=0)],
-            "action_l1_mean_action": float(mean_baseline),
+            "action_l1_mean_action": float(err_mean.mean()),
+            "action_l1_xyz_mean_action": float(err_mean[:, :3].mean()),
+            "action_l1_teacher_forced": float(err_forced.mean()),
+            "action_l1_xyz_teacher_forced": float(err_forced[:, :3].mean()),
+            "action_token_accuracy_teacher_forced": counts["act_ok"] / max(counts["act_n"], 1),
             "val_loss_action": counts["act_loss"] / max(counts["act_loss_n"], 1),
         }
         if counts["rat_n"]:
@@ -462,9 +507,13 @@ class Trainer:
             "train_progress.json": {"step": self.progress.step, "val": _finite(self.progress.val_history[-1:])},
         }
 
-    def _save_model(self, directory: Path) -> None:
+    def _save_model(self, directory: Path, full_state: dict[str, Any] | None = None) -> None:
         from refinevla_core.model.checkpoint import save_checkpoint
 
+        if full_state is not None:  # FSDP: the parameters here are shards; write the gathered weights instead
+            from refinevla_core.training.fsdp import save_from_full_state
+
+            return save_from_full_state(self, directory, full_state)
         model = self.accelerator.unwrap_model(self.model)
         with export_for_saving(model.vlm) as plain:
             save_checkpoint(directory, plain, model.processor, self.stats, model.refinevla_config,
@@ -494,8 +543,11 @@ class Trainer:
             (tmp / "trainer_state").mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "trainer_state"))
+        from refinevla_core.training.fsdp import gather_full_state_dict
+
+        full_state = gather_full_state_dict(acc, self.model)  # FSDP: a collective (every process); else None
         if acc.is_main_process:
-            self._save_model(tmp / "model")
+            self._save_model(tmp / "model", full_state)
             atomic_write_json(tmp / "trainer_state" / "train_config.json", to_dict(self.config))
             atomic_write_json(tmp / "trainer_state" / PROGRESS_NAME, self.progress.to_dict())
             if final.exists():
@@ -517,7 +569,9 @@ class Trainer:
                        "num_layers": self.report.num_layers},
             "data": {"train_frames": len(self.train_frames), "val_frames": len(self.val_frames),
                      "val_evaluated": len(self.val_keys),
-                     "train_frames_with_rationale": self.train_frames.num_with_rationale},
+                     "train_frames_with_rationale": self.train_frames.num_with_rationale,
+                     "rationale_dropout": self.train_frames.rationale_dropout,
+                     "rationales_shortened_share": self.truncated_share},
             "total_steps": self.total_steps,
             "step": self.progress.step,
             "finished": final,
@@ -597,8 +651,9 @@ def _print_above_progress_bar(message: str) -> None:
 
 
 def _describe_val(val: dict[str, Any]) -> str:
-    text = (f"step {val['step']}: val action token acc {val['action_token_accuracy']:.3f}, action L1 "
-            f"{val['action_l1']:.4f} (mean action: {val['action_l1_mean_action']:.4f})")
+    text = (f"step {val['step']}: val action L1 {val['action_l1']:.4f}, xyz {val['action_l1_xyz']:.4f} (as the "
+            f"policy decodes; mean action: {val['action_l1_mean_action']:.4f}, xyz "
+            f"{val['action_l1_xyz_mean_action']:.4f}; teacher-forced {val['action_l1_teacher_forced']:.4f})")
     if "rationale_token_accuracy" in val:
         text += f", rationale token acc {val['rationale_token_accuracy']:.3f}"
     return text

@@ -237,3 +237,23 @@ def test_mid_preset_builds_trains_and_round_trips(tmp_path):
     a, b = (m.generate([image], [INSTRUCTION], plan="rationale_then_action", max_rationale_tokens=8)[0]
             for m in (vla, back))
     assert a.action_bins.tolist() == b.action_bins.tolist() and a.rationale_ids == b.rationale_ids
+
+
+def test_a_long_rationale_is_shortened_per_section_never_dropping_one():
+    from dataclasses import replace
+
+    from refinevla_core.model.presets import build_processor, load_preset
+    from refinevla_core.model.processor_refinevla import RefineVLAProcessor
+    from refinevla_core.rationale import Rationale, parse_rationale
+
+    config = replace(load_preset("tiny"), max_rationale_tokens=40)
+    processor = RefineVLAProcessor(build_processor(config), config)
+    long = Rationale("the gripper is open above the table. " * 6, "phase: approach, reach the cube. " * 5,
+                     "cube 8 cm forward of the gripper. " * 8, "steps: approach, push, done. " * 4)
+    ids = processor.rationale_ids(long)
+    assert len(ids) <= 40 and not processor.rationale_fits(long)
+    text = processor.decode_text(ids)
+    assert all(h in text for h in ("Observation:", "Situation Analysis:", "Spatial Reasoning:", "Task Planning:"))
+    parse_rationale(text)  # still four sections
+    short = Rationale("gripper open.", "phase: push.", "cube 8 cm forward of the gripper.", "steps: push, done.")
+    assert processor.rationale_fits(short) and processor.decode_text(processor.rationale_ids(short)) == short.text()

@@ -86,3 +86,20 @@ def test_validation_frames_are_spread_over_the_split():
     assert validation_indices(5, 10) == [0, 1, 2, 3, 4]
     picked = validation_indices(1000, 10)
     assert len(picked) == 10 and picked[0] == 0 and picked[-1] == 999
+
+
+def test_statistics_come_from_the_training_split_only(tmp_path):
+    """A held-out episode with extreme actions must not widen the action bins it is scored against."""
+    from refinevla_core.data.episode import Episode
+    from refinevla_core.data.episode_dataset import EpisodeDataset
+    from refinevla_core.training.data import training_split_stats
+
+    ds = EpisodeDataset.create(tmp_path / "ds", name="ds", fps=5.0)
+    rng = np.random.default_rng(0)
+    for scale in (0.01, 0.01, 0.01, 1.0):
+        actions = (rng.normal(0, scale, (5, 7))).astype(np.float32)
+        actions[:, 6] = 1.0
+        ds.append(Episode(images=np.zeros((5, 8, 8, 3), np.uint8), actions=actions, instruction="push"))
+    stats = training_split_stats(ds, [0, 1, 2])
+    assert stats.num_frames == 15 and float(np.abs(stats.q99[:6]).max()) < 0.05
+    assert float(np.abs(training_split_stats(ds, [0, 1, 2, 3]).q99[:6]).max()) > 0.5
