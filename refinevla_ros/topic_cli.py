@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
     args = build_parser().parse_args(argv)
     rclpy.init()
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"refinevla-topic: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ExternalShutdownException):  # Ctrl-C, or SIGTERM (rclpy shuts the context down)
         return 0
     finally:
         executor.shutdown()
