@@ -58,7 +58,10 @@ setup(
     ],
     extras_require={
         "sim": ["mani-skill==3.0.1", "sapien==3.0.3"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.8"],
+        # report_to=tensorboard writes through tensorboardX (~3 MB with protobuf; `tensorboard` itself, ~60 MB with
+        # grpc, is only needed to view the curves); wandb / trackio: install them to use them
+        "track": ["tensorboardX>=2.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.8", "tensorboardX>=2.6"],
     },
     cmdclass={"build_py": BuildWithPresets},
     entry_points={"console_scripts": ["refinevla = refinevla_core.cli:main", *NODE_SCRIPTS]},

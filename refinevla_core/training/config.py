@@ -150,6 +150,7 @@ class TrainConfig:
     num_workers: int = 0
     torch_threads: int | None = None  # torch.set_num_threads for the run (None: leave torch's default)
     progress_bar: bool = True
+    report_to: str = "none"  # none | tensorboard | wandb | trackio, comma-separated (training/tracking.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -181,6 +182,9 @@ class TrainConfig:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.max_steps is not None and self.epochs is not None:
             raise ConfigError("give max_steps or epochs, not both (set the other to null)")
+        from refinevla_core.training.tracking import tracker_names
+
+        tracker_names(self.report_to)  # ConfigError naming the valid trackers
         if self.resume not in ("auto", "never") and not self.resume.strip():
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")
 

@@ -249,8 +249,10 @@ class Trainer:
         # as one DDP job over gloo instead of as independent single-process runs
         cpu = self.config.device == "cpu" or not torch.cuda.is_available()
         from refinevla_core.training.fsdp import prepare_fsdp
+        from refinevla_core.training.tracking import accelerator_kwargs  # report_to: TensorBoard / W&B / trackio
 
-        acc = Accelerator(mixed_precision="bf16" if self.config.precision == "bf16" else "no", cpu=cpu)
+        acc = Accelerator(mixed_precision="bf16" if self.config.precision == "bf16" else "no", cpu=cpu,
+                          **accelerator_kwargs(self.config.report_to, self.output_dir))
         return prepare_fsdp(acc, self.config)  # FSDP also for CPU processes when requested; no LoRA under FSDP
 
     def _open_data(self) -> EpisodeDataset:
@@ -594,6 +596,10 @@ class Trainer:
             save_config(cfg, self.output_dir / "train_config.yaml")
         from tqdm.auto import tqdm
 
+        from refinevla_core.training.tracking import RunTracker
+
+        tracker = RunTracker(acc, cfg, self.output_dir)
+
         bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress_bar and acc.is_main_process), desc="train")
         batches = self._batches()
@@ -614,11 +620,13 @@ class Trainer:
                     values = [r[key] for r in window if not math.isnan(r[key])]
                     entry[key] = float(np.mean(values)) if values else float("nan")
                 self.progress.train_history.append(entry)
+                tracker.log_train(entry)
                 window = []
             if step % cfg.eval_every == 0 or step == self.total_steps:
                 val = self.evaluate()
                 if val:
                     self.progress.val_history.append(val)
+                    tracker.log_validation(val, step)
                     self.log(_describe_val(val))
             if step % cfg.save_every == 0 or step == self.total_steps:
                 self.write_metrics()
@@ -633,6 +641,7 @@ class Trainer:
             else:
                 self._save_model(final_dir)
         metrics = self.write_metrics(final=True)
+        tracker.end()
         acc.wait_for_everyone()
         self.log(f"done: {self.progress.step} steps in {self.progress.train_seconds:.1f} s; model in {final_dir}")
         return TrainResult(self.output_dir, final_dir, metrics, self.resume_from, acc.is_main_process)
