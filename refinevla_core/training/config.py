@@ -19,6 +19,7 @@ TargetOrder = Literal["rationale_then_action", "action_then_rationale"]
 NewTokenRows = Literal["head", "tied", "none"]
 Precision = Literal["fp32", "bf16"]
 Schedule = Literal["cosine", "linear", "constant"]
+Optimizer = Literal["adamw", "sgd"]
 
 # The preset YAML files shipped in config/ (refinevla train --config config/train_<name>.yaml).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
@@ -132,6 +133,9 @@ class TrainConfig:
     epochs: float | None = None
     lr: float = 1e-4
     weight_decay: float = 0.0
+    # sgd: plain gradient descent, for equality tests across process counts (Adam's normalisation turns reduction-
+    # order rounding on tiny gradients into lr-sized steps; SGD keeps it at rounding size)
+    optimizer: Optimizer = "adamw"
     max_grad_norm: float = 1.0
     schedule: Schedule = "cosine"
     warmup_steps: int = 0
@@ -195,7 +199,8 @@ class TrainConfig:
 # Keys whose change makes a checkpoint of one run unfit to continue another (resume refuses and says which).
 RESUME_CRITICAL_KEYS = (
     "preset", "base_checkpoint", "target_order", "dataset", "lambda_rationale", "rationale_dropout", "val_fraction",
-    "max_rationale_tokens", "freeze", "lora", "batch_size", "grad_accumulation", "lr", "weight_decay", "schedule",
+    "max_rationale_tokens", "freeze", "lora", "batch_size", "grad_accumulation", "lr", "weight_decay", "optimizer",
+    "schedule",
     "warmup_steps", "warmup_ratio", "precision", "seed",
 )
 

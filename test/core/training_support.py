@@ -100,3 +100,23 @@ def make_dataset(root, episodes: int = 4, length: int = 6, *, rationales: bool =
     if stats:
         compute_dataset_stats(ds)
     return ds
+
+
+# float32 rounding (reduction order across processes) is ~1e-7 of an update; a distribution bug is O(1) of it
+UPDATE_RTOL = 1e-3
+
+
+def updates(initial: dict[str, torch.Tensor], checkpoint) -> dict[str, torch.Tensor]:
+    """Final minus initial weights of a run (the checkpoint folder it wrote)."""
+    from refinevla_core.model.checkpoint import load_checkpoint
+
+    final = load_checkpoint(checkpoint).vlm.state_dict()
+    return {k: final[k].float() - initial[k].float() for k in initial}
+
+
+def assert_same_updates(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor]) -> None:
+    """Two runs' SGD updates agree to UPDATE_RTOL of the largest one (see test_fsdp.py for why SGD)."""
+    largest = max(float(d.abs().max()) for d in one.values())
+    assert largest > 1e-3, "the runs must move the weights for the comparison to mean anything"
+    worst = max(float((two[k] - one[k]).abs().max()) for k in one)
+    assert worst <= UPDATE_RTOL * largest, f"updates differ by {worst:.3g}; largest update {largest:.3g}"
