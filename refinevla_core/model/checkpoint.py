@@ -18,11 +18,13 @@ layout agree, and raises CheckpointError naming the problem and the fix. Weights
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +70,20 @@ def _write_extra(directory: Path, name: str, content: Any) -> None:
         target.write_text(json.dumps(content, indent=1, default=str) + "\n")
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws a "Writing model shards" bar for every save, into the middle of training logs."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(  # noqa: PLR0917 (the positional order is the API the trainer codes against)
     directory: str | Path,
     model: Any,
@@ -108,7 +124,8 @@ def save_checkpoint(  # noqa: PLR0917 (the positional order is the API the train
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving-"))
     try:
-        vlm.save_pretrained(str(tmp), safe_serialization=True)
+        with _no_progress_bars():
+            vlm.save_pretrained(str(tmp), safe_serialization=True)
         processor.save_pretrained(tmp)
         stats.save(tmp / STATS_FILENAME)
         (tmp / REFINEVLA_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=1) + "\n")

@@ -68,6 +68,23 @@ def test_round_trip_keeps_weights_stats_tokens_and_predictions(saved):
     assert json.loads((saved / "metrics.json").read_text()) == {"loss": 1.5}
 
 
+def test_a_save_prints_nothing_and_reloads_equal(tmp_path, capfd, caplog):
+    """No progress bar and no warning (e.g. accelerate's "Removed shared tensor") in the middle of a training log;
+    the tied output head comes back tied and equal."""
+    import logging
+
+    vla = tiny_vla()
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        save_checkpoint(tmp_path / "ck", vla, vla.processor, vla.stats, vla.refinevla_config)
+    out, err = capfd.readouterr()
+    assert (out, err, caplog.text) == ("", "", "")
+    back = load_checkpoint(tmp_path / "ck").vlm
+    assert back.lm_head.weight.data_ptr() == back.get_input_embeddings().weight.data_ptr()
+    for (name, a), (_, b) in zip(vla.vlm.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_the_folder_is_a_plain_transformers_checkpoint(saved):
     model = AutoModelForImageTextToText.from_pretrained(saved, local_files_only=True)
     processor = AutoProcessor.from_pretrained(saved, local_files_only=True)
