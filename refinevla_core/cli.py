@@ -40,6 +40,19 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
+TOP_LEVEL_EXAMPLES = """\
+examples:
+  refinevla demo --quick                                   # the whole loop in ~3 minutes
+  refinevla collect --task PushCube-v1 --episodes 50 --out data/pushcube
+  refinevla annotate --dataset data/pushcube --teacher sim
+  refinevla train --config train_tiny dataset=data/pushcube output_dir=runs/tiny
+  refinevla eval --checkpoint runs/tiny/final --episodes 20
+  refinevla COMMAND --help                                 # each command's options and examples
+
+ROS 2 nodes without a system ROS 2: refinevla-policy-node, refinevla-sim-bridge-node, refinevla-widowx-node,
+refinevla-topic (see the README, "Without a system ROS 2").
+"""
+
 # Examples shown under each subcommand's --help (a module may set its own parser.epilog instead).
 EXAMPLES: dict[str, str] = {
     "collect": """\
@@ -89,6 +102,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refinevla",
         description="ReFineVLA: teacher rationales, selective-transfer fine-tuning, VLA inference, ROS 2 and sim.",
+        epilog=TOP_LEVEL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"refinevla {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -99,6 +99,7 @@ def test_known_abbreviations_and_negative_numbers_are_not_unknown_options():
 
 
 def test_every_help_has_examples_and_every_option_a_description():
+    assert "examples:" in cli.build_parser().format_help()
     for name in cli.SUBCOMMANDS:
         sub = cli._subparsers(cli.build_parser(name))[name]
         assert "examples:" in sub.format_help(), name
