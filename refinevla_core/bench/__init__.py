@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "ros": ("refinevla_ros.bench", 7),
     "sim": ("refinevla_ros.bench_sim", 8),  # drives sim_bridge_node: ROS code, so it lives in refinevla_ros
     "record": ("refinevla_ros.bench_record", 9),
+    "gpu": ("refinevla_core.bench.gpu", 13),  # on CUDA: real sizes in bf16; on CPU: tiny sizes
 }
 
 
