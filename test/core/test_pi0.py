@@ -170,6 +170,17 @@ def test_actions_are_normalised_padded_and_decoded_into_the_data_range(tiny):
     assert np.isfinite(decoded).all() and (decoded <= STATS.max).all() and (decoded >= STATS.min).all()
 
 
+def test_long_rationales_keep_every_section_within_the_budget(tiny):
+    from refinevla_core.rationale import Rationale
+
+    proc = tiny.processor
+    long = Rationale(*(f"section {i} " + "the cube is left of the gripper and far away " * 6 for i in range(4)))
+    assert not proc.rationale_fits(long) and proc.rationale_fits(Rationale("a", "b", "c", "d"))
+    ids = proc.rationale_ids(long)
+    assert len(ids) == tiny.refinevla_config.max_rationale_tokens and ids[-1] == proc.eos_id
+    assert len(proc.decode_text(ids).split("\n")) == 4, "every section survives, shortened"
+
+
 def test_bad_configs_and_missing_bases_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="expert must have the text model's num_hidden_layers"):
@@ -181,6 +192,31 @@ def test_bad_configs_and_missing_bases_are_clear_errors(tmp_path, monkeypatch):
         **config.to_dict()["base"], "pretrained": str(tmp_path / "nowhere"), "tokenizer": str(tmp_path / "tok")}})
     with pytest.raises((Pi0ModelError, ValueError), match=r"licence|huggingface-cli download"):
         RefineVLAPi0.build(missing)
+
+
+def test_a_local_pi0_folder_is_a_base_and_the_weights_use_lerobots_names(tiny, tmp_path, monkeypatch):
+    """base_checkpoint=<folder> with PI0 weights (as transformers writes them: LeRobot's key names, which it renames
+    at load, so lerobot/pi0_base loads the same way) and a tokenizer: the built model computes what was saved."""
+    from safetensors import safe_open
+
+    from refinevla_core.model.pi0.modeling_pi0 import build_pi0
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "pi0_base"
+    tiny.vlm.save_pretrained(str(folder))
+    tiny.processor.save_pretrained(folder)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("paligemma_with_expert.paligemma.model.") for k in keys)
+    assert any(k.startswith("paligemma_with_expert.gemma_expert.model.layers.") for k in keys)
+    assert "state_proj.weight" in keys and "action_out_proj.weight" in keys
+    base = build_pi0(load_preset("pi0-tiny"), base_checkpoint=str(folder))
+    assert base.refinevla_config.base.source == "pretrained"
+    base.processor.set_action_stats(STATS)
+    batch = batch_for(base, [None, None])
+    draw = fixed_noise(batch)
+    with torch.no_grad():
+        torch.testing.assert_close(base(**batch, **draw).velocity, tiny(**batch, **draw).velocity)
 
 
 # ---- train -> checkpoint -> Policy -> closed loop ------------------------------------------------------------------

@@ -145,7 +145,9 @@ class RefineVLAPi0(torch.nn.Module):
         if stats is not None:
             processor.set_action_stats(stats)
         rows = self.embedding_matrix().shape[0]
-        if rows < len(processor.tokenizer):
+        # PaliGemma's <image> id may lie past the embedding (257152 in π0 base): PI0 swaps it for image features
+        text_ids = len(processor.tokenizer) - (processor.image_token_id == len(processor.tokenizer) - 1)
+        if rows < text_ids:
             raise Pi0ModelError(f"the tokenizer has {len(processor.tokenizer)} tokens but the VLM embedding only "
                                 f"{rows} rows: the tokenizer and the weights come from different models")
         hf = vlm.config
@@ -210,8 +212,8 @@ class RefineVLAPi0(torch.nn.Module):
     def build(cls, config: RefineVLAPi0Config, seed: int = 0) -> RefineVLAPi0:
         from transformers import PI0ForConditionalGeneration
 
-        processor = RefineVLAPi0Processor(build_hf_processor(config), config)
         if config.base.source == "random":
+            processor = RefineVLAPi0Processor(build_hf_processor(config), config)
             hf = pi0_hf_config(config, len(processor.tokenizer), processor.image_token_id)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -224,6 +226,9 @@ class RefineVLAPi0(torch.nn.Module):
                     "max_action_dim": hf.max_action_dim}
             data["execute_steps"] = min(config.execute_steps, hf.chunk_size)
             config = RefineVLAPi0Config.from_dict(data)
+            vision = hf.vlm_config.vision_config  # the image size and token count come from the weights
+            processor = RefineVLAPi0Processor(build_hf_processor(config, vision.image_size, vision.patch_size),
+                                              config)
             if hf.vlm_config.image_token_id != processor.image_token_id:
                 hf.vlm_config.image_token_id = processor.image_token_id  # PI0 replaces image ids by features
         return cls(vlm.eval(), processor, config)
@@ -294,8 +299,8 @@ class RefineVLAPi0(torch.nn.Module):
                           max_tokens: int) -> tuple[list[list[int]], list[bool], torch.Tensor]:
         """Greedy, KV-cached: each new token is fed into `cache`; rows that finished feed masked padding."""
         proc = self.processor
-        banned = [proc.image_token_id, proc.pad_id, proc.bos_id]
         embed = self.pi0.model.vlm.get_input_embeddings()
+        banned = [i for i in (proc.image_token_id, proc.pad_id, proc.bos_id) if i < embed.weight.shape[0]]
         n = attention_mask.shape[0]
         ids: list[list[int]] = [[] for _ in range(n)]
         done = torch.zeros(n, dtype=torch.bool, device=attention_mask.device)

@@ -24,7 +24,8 @@ import torch
 from refinevla_core.data.episode import DataError
 from refinevla_core.data.stats import ActionStats
 from refinevla_core.model.pi0.configuration_pi0 import RefineVLAPi0Config
-from refinevla_core.rationale import Rationale
+from refinevla_core.model.processor_refinevla import _water_fill
+from refinevla_core.rationale import Rationale, RationaleError, parse_rationale
 
 ACTION_DIM = 7
 STD_FLOOR = 1e-4  # a dimension that never varies normalises to 0 instead of dividing by zero
@@ -34,7 +35,7 @@ class Pi0ProcessorError(ValueError):
     """Bad input for the π0 processor (the message names it)."""
 
 
-def build_hf_processor(config: RefineVLAPi0Config) -> Any:
+def build_hf_processor(config: RefineVLAPi0Config, image_size: int = 224, patch_size: int = 14) -> Any:
     """transformers' PI0Processor: offline tokenizer for random presets, PaliGemma's tokenizer for pretrained ones.
 
     The image processor is SigLIP's PIL one (resize, rescale, normalise to [-1, 1]; PI0ImageProcessor needs
@@ -52,7 +53,7 @@ def build_hf_processor(config: RefineVLAPi0Config) -> Any:
         size, tokens = base.vision.image_size, base.vision.num_image_tokens
     else:
         tokenizer = load_tokenizer(base.pretrained, base.tokenizer, base.revision)
-        size, tokens = 224, 256
+        size, tokens = image_size, (image_size // patch_size) ** 2  # the pretrained vision tower's
     images = SiglipImageProcessorPil(size={"height": size, "width": size}, image_seq_length=tokens)
     return PI0Processor(image_processor=images, tokenizer=tokenizer, max_state_dim=config.max_state_dim,
                         chunk_size=config.chunk_size)
@@ -128,12 +129,35 @@ class RefineVLAPi0Processor:
         return [self.image_token_id] * self.num_image_tokens + [self.bos_id, *ids]
 
     def rationale_ids(self, rationale: Rationale | str | None) -> list[int]:
-        """The rationale's canonical text + <eos>, at most max_rationale_tokens (<eos> kept); [] for None."""
-        if rationale is None:
+        """The rationale's canonical text + <eos> within max_rationale_tokens ([] for None). Over the budget every
+        section is shortened (longest first) and none dropped, as the PaliGemma family's processor does."""
+        if rationale is None or (isinstance(rationale, str) and not rationale.strip()):
             return []
+        budget = self.config.max_rationale_tokens - 1  # <eos> closes the rationale
+        if isinstance(rationale, str):
+            try:
+                rationale = parse_rationale(rationale)
+            except RationaleError:  # free text: plain truncation
+                return [*self._encode(rationale)[:budget], self.eos_id]
+        ids = self._encode(rationale.text())
+        if len(ids) > budget:
+            lines = [self._encode(line) for line in rationale.text().split("\n")]
+            newline = self._encode("\n")
+            keep = _water_fill([len(line) for line in lines], budget - len(newline) * (len(lines) - 1))
+            ids = []
+            for i, (line, n) in enumerate(zip(lines, keep, strict=True)):
+                ids += ([*newline] if i else []) + line[:n]
+        return [*ids[:budget], self.eos_id]
+
+    def rationale_fits(self, rationale: Rationale | str | None) -> bool:
+        """Whether the whole rationale fits max_rationale_tokens with its <eos> (no section shortened)."""
+        if rationale is None:
+            return True
         text = rationale.text() if isinstance(rationale, Rationale) else str(rationale)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.config.max_rationale_tokens - 1]
-        return [*ids, self.eos_id]
+        return len(self._encode(text)) < self.config.max_rationale_tokens
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
