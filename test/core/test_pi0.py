@@ -299,3 +299,20 @@ def test_lora_keeps_the_expert_training_and_saves_a_merged_checkpoint(dataset, t
     assert not hasattr(merged.vlm, "peft_config")
     with pytest.raises(ConfigError, match="gradient_checkpointing is not available for π0"):
         train_tiny(dataset, tmp_path / "gc", gradient_checkpointing=True)
+
+
+def test_the_real_size_random_preset_is_pi0_bases_architecture():
+    """pi0-base-random (refinevla bench gpu) has transformers' PI0Config defaults, i.e. lerobot/pi0_base's sizes."""
+    from transformers import PI0Config
+
+    from refinevla_core.model.pi0.modeling_pi0 import pi0_hf_config
+
+    ours, reference = pi0_hf_config(load_preset("pi0-base-random"), 1100, 1050).to_dict(), PI0Config().to_dict()
+    for key in ("chunk_size", "max_state_dim", "max_action_dim", "num_inference_steps"):
+        assert ours[key] == reference[key], key
+    assert ours["dit_config"] == reference["dit_config"]
+    for sub in ("text_config", "vision_config"):
+        mine, theirs = ours["vlm_config"][sub], reference["vlm_config"][sub]
+        assert {k: v for k, v in mine.items() if k != "vocab_size"} == {
+            k: v for k, v in theirs.items() if k != "vocab_size"}, sub
+    assert ours["vlm_config"]["text_config"]["vocab_size"] == reference["vlm_config"]["text_config"]["vocab_size"]
