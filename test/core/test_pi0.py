@@ -316,3 +316,20 @@ def test_the_real_size_random_preset_is_pi0_bases_architecture():
         assert {k: v for k, v in mine.items() if k != "vocab_size"} == {
             k: v for k, v in theirs.items() if k != "vocab_size"}, sub
     assert ours["vlm_config"]["text_config"]["vocab_size"] == reference["vlm_config"]["text_config"]["vocab_size"]
+
+
+def test_bf16_run_keeps_trainable_weights_fp32_and_its_checkpoint_acts(dataset, tmp_path):
+    import yaml
+
+    spec = yaml.safe_load((CONFIG_DIR / "model_pi0-tiny.yaml").read_text())
+    spec["dtype"] = "bfloat16"
+    (tmp_path / "pi0_bf16.yaml").write_text(yaml.safe_dump(spec))
+    trainer, result = train_tiny(dataset, tmp_path / "bf16", preset=str(tmp_path / "pi0_bf16.yaml"),
+                                 precision="bf16")
+    dtypes = {p.dtype for p in trainer.refinevla.vlm.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in trainer.refinevla.vlm.parameters() if not p.requires_grad}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+    assert all(np.isfinite(r["loss"]) for r in result.metrics["train"])
+    policy = Policy.from_checkpoint(result.final_checkpoint)
+    assert policy.model.dtype == torch.bfloat16
+    assert np.isfinite(policy.predict(np.zeros((64, 64, 3), np.uint8), "push the cube").action).all()
