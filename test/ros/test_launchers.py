@@ -7,6 +7,7 @@ scripts exist only after `pip install`; test_packaging checks the wheel declares
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -87,8 +88,12 @@ def test_policy_node_from_its_launcher_answers_an_instruction_published_with_ref
         assert "safe_hold: false" in out, out
     finally:
         if node_proc.poll() is None:
-            os.killpg(node_proc.pid, 15)
-        node_proc.wait(30)
+            os.killpg(node_proc.pid, signal.SIGTERM)  # what Ctrl-C / a service manager does: a clean stop
+        try:
+            node_proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node_proc.pid, signal.SIGKILL)
+            node_proc.wait(30)
     assert node_proc.returncode == 0, log.read_text()
 
 
