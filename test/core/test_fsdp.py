@@ -63,6 +63,30 @@ def test_fsdp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp
     assert (tmp_path / "two" / "checkpoints" / "step-00000003" / "trainer_state").is_dir()
 
 
+@pytest.mark.slow
+def test_pi0_full_fine_tuning_under_fsdp_writes_a_policy_checkpoint(tmp_path):
+    """π0 (expert attending to the VLM's cache) sharded with config/accelerate_fsdp_pi0.yaml: it trains and exports a
+    checkpoint that Policy loads and acts with. (No equality check: each process draws its own flow noise.)"""
+    import numpy as np
+
+    from refinevla_core.inference.policy import Policy
+
+    make_dataset(tmp_path / "ds", episodes=3, length=5)
+    env = {**os.environ, **accelerate_launch_env(CONFIG_DIR / "accelerate_fsdp_pi0.yaml", 2), "OMP_NUM_THREADS": "1"}
+    full = {"freeze.vision": False, "freeze.projector": False, "freeze.embeddings": False,
+            "freeze.language_layers": 0, "max_steps": 2, "warmup_steps": 0, "val_fraction": 0.0,
+            "torch_threads": 1, "progress_bar": False}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(29500 + (os.getpid() + 700) % 1000), "-m", "refinevla_core", "train",
+               "--config", str(CONFIG_DIR / "train_pi0_tiny.yaml"), f"dataset={tmp_path / 'ds'}",
+               f"output_dir={tmp_path / 'run'}", "batch_size=2", *(f"{k}={v}" for k, v in full.items())]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stderr
+    policy = Policy.from_checkpoint(tmp_path / "run" / "final")
+    assert np.isfinite(policy.predict(np.zeros((64, 64, 3), np.uint8), "push the cube").action).all()
+
+
 def test_lora_under_fsdp_and_deepspeed_are_refused_with_the_alternative_named():
     from types import SimpleNamespace
 
