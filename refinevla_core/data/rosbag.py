@@ -295,11 +295,14 @@ def _is_torn_mcap(path: Path) -> bool:
         return fh.read() != _MCAP_MAGIC
 
 
-def _truncation_hint(target: Path) -> str:
-    """What to do about a bag folder whose metadata.yaml says it was closed but whose mcap file is cut short."""
-    torn = [f for f in (_storage_files(target) if target.is_dir() else [target]) if _is_torn_mcap(f)]
+def _truncation_hint(target: Path, error: str) -> str:
+    """What to do about a bag folder whose metadata.yaml says it was closed but whose storage file is cut short."""
+    files = _storage_files(target) if target.is_dir() else [target]
+    torn = [f for f in files if _is_torn_mcap(f)]
     if not torn:
-        return ""
+        damaged = [f for f in files if f.suffix == ".db3"] if "malformed" in error else []
+        return (f" - {damaged[0].name} is damaged (an interrupted copy?); copy the bag again (a recording killed "
+                "mid-write is read up to its last commit, but a cut SQLite file cannot be)") if damaged else ""
     return (f" - {torn[0].name} is truncated (an interrupted recording or copy?). Copy it again if you can; "
             f"otherwise convert what it holds up to its last complete record by passing the storage file itself: "
             f"`refinevla convert --bag {torn[0]} --out DATASET` (messages after the cut are lost)")
@@ -354,7 +357,7 @@ def open_bag(path: str | Path, typestore: Any | None = None) -> Iterator[tuple[A
             reader = AnyReader([target], default_typestore=store)
             reader.open()
         except (AnyReaderError, OSError, ValueError, KeyError) as e:
-            raise DataError(f"bag {path} cannot be read: {e}{_truncation_hint(target)}") from e
+            raise DataError(f"bag {path} cannot be read: {e}{_truncation_hint(target, str(e))}") from e
         stack.callback(reader.close)
         yield reader, recovered
 

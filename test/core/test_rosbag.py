@@ -343,6 +343,14 @@ def test_a_truncated_bag_says_so_and_names_the_command_that_reads_what_it_holds(
     assert report.recovered and len(episodes) == 1
 
 
+def test_a_cut_sqlite_bag_says_it_is_damaged(tmp_path):
+    bag = write_bag(tmp_path / "bag", demo_timeline([("pick up the cube", 3)]).events, "sqlite3")
+    storage = bag / "bag.db3"
+    storage.write_bytes(storage.read_bytes()[: storage.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"bag.db3 is damaged \(an interrupted copy\?\); copy the bag again"):
+        read_bag(bag)
+
+
 def test_recording_refuses_an_existing_path_and_unknown_types(tmp_path):
     (tmp_path / "bag").mkdir()
     with pytest.raises(DataError, match=r"choose a new --out"):
