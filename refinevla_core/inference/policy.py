@@ -12,6 +12,8 @@ Rationale modes (PolicyConfig.rationale_mode):
     rationale_then_action the cached rationale's tokens are fed as a forced prefix before <begin_action> (as ECoT
     does), so the action stays conditioned on it; with action_then_rationale the in-between steps are action-only
     and a due rationale is generated after the action (timings_ms["action"] shows the action was ready first).
+  - "streaming" / "async": the rationale is written beside control on a background thread, never inside the
+    step (refinevla_core.inference.live); one live stream (`predict`), not batches. Call close() when done.
 
 `predict_batch` treats row i of every call as one episode stream (parallel environments); `reset()` starts new
 episodes for all rows. Consumers may use any object with `predict`/`reset` instead (duck typing, e.g. test stand-ins).
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +31,9 @@ import torch
 
 from refinevla_core.config import ConfigError
 from refinevla_core.inference.config import PolicyConfig, RationaleMode  # noqa: F401  (re-exported)
+from refinevla_core.inference.live import CachedRationale, LiveRationales
 from refinevla_core.inference.types import PolicyOutput
 from refinevla_core.rationale import Rationale, RationaleError, parse_rationale
-
-
-@dataclass
-class _Cached:
-    instruction: str
-    ids: list[int]
-    text: str
-    rationale: Rationale | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_generated_rationale(text: str) -> Rationale | None:
@@ -59,9 +52,14 @@ class Policy:
         self.config = config or PolicyConfig()
         if model.stats is None:
             raise ConfigError("the model has no action statistics; load it from a checkpoint (stats.json)")
-        self._cache: dict[int, _Cached] = {}
+        self._cache: dict[int, CachedRationale] = {}
         self._step = 0
         self._last_instruction = ""
+        mode = self.config.rationale_mode
+        if mode == "streaming" and self.target_order != "action_then_rationale":
+            raise ConfigError(f"rationale_mode streaming publishes the action before the rationale, but this model "
+                              f"writes its rationale first (target order {self.target_order}); use async")
+        self._live = LiveRationales(self) if mode in ("streaming", "async") else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", config: PolicyConfig | None = None) -> Policy:
@@ -94,10 +92,48 @@ class Policy:
         """A new episode: forget cached rationales, restart the step count (and the sampling seed sequence)."""
         self._cache.clear()
         self._step = 0
+        if self._live is not None:
+            self._live.reset()
+
+    def close(self) -> None:
+        """Stop background rationale work (streaming / async); the policy is not used afterwards."""
+        if self._live is not None:
+            self._live.close()
+
+    def wait_background(self, timeout_s: float = 60.0) -> bool:
+        """streaming / async: wait until no rationale is being written in the background (tests, benchmarks)."""
+        return self._live is None or self._live.wait_idle(timeout_s)
 
     def predict(self, image: np.ndarray, instruction: str) -> PolicyOutput:
         self._last_instruction = instruction
-        return self.predict_batch([image], [instruction])[0]
+        if self._live is None:
+            return self.predict_batch([image], [instruction])[0]
+        out = self._live.predict(image, instruction, self._step)
+        self._step += 1
+        return out
+
+    def generate_one(self, image: np.ndarray, instruction: str, plan: str, fed: list[list[int]] | None = None,
+                     streamer: Any = None) -> Any:
+        """One row of model.generate with this policy's decoding settings (streaming / async building block)."""
+        return self.model.generate([image], [instruction], plan=plan, fed_rationales=fed,
+                                   max_rationale_tokens=self.config.max_rationale_tokens or None,
+                                   do_sample=self.config.do_sample, temperature=self.config.temperature,
+                                   streamer=streamer)[0]
+
+    def action_of(self, bins: np.ndarray) -> np.ndarray:
+        """Action bins -> the un-normalised float32[7] action; never passes on a non-finite one."""
+        action = self.model.processor.decode_actions(bins)
+        if not np.isfinite(action).all():  # cannot happen with bin centres; never pass it on if it does
+            raise RuntimeError(f"the decoded action {action} is not finite; refusing to return it")
+        return action.astype(np.float32)
+
+    def action_of_ids(self, ids: Sequence[int]) -> np.ndarray:
+        """7 generated action token ids -> the action (streaming reads them before generate returns)."""
+        lay = self.model.processor.layout
+        bins = np.asarray(ids, dtype=np.int64) - lay.action_token_start
+        if len(bins) != 7 or bins.min() < 0 or bins.max() >= lay.n_action_bins:
+            raise RuntimeError(f"expected 7 action tokens, got ids {list(ids)}")
+        return self.action_of(bins)
 
     def attention_overlay(self, image: np.ndarray, instruction: str | None = None, layers: Any = "last") -> np.ndarray:
         """HxWx3 uint8: `image` with the action tokens' attention over its patches blended on top (what the policy
@@ -120,8 +156,11 @@ class Policy:
 
     def predict_batch(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> list[PolicyOutput]:
         """One step for each row (row i = environment i). Rows due for a fresh rationale are generated together."""
-        t0 = time.perf_counter()
+        t0, now = time.perf_counter(), time.monotonic()
         images, instructions = list(images), list(instructions)
+        if self._live is not None:
+            raise ConfigError(f"rationale_mode {self.config.rationale_mode} runs one live stream (predict); use "
+                              "every_n with predict_batch")
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions; give one per image")
         if not images:
@@ -145,13 +184,11 @@ class Policy:
                     max_rationale_tokens=max_r, do_sample=self.config.do_sample, temperature=self.config.temperature,
                 )
             for i, g in zip(rows, generated, strict=True):
-                action = self.model.processor.decode_actions(g.action_bins)
-                if not np.isfinite(action).all():  # cannot happen with bin centres; never pass it on if it does
-                    raise RuntimeError(f"the decoded action {action} is not finite; refusing to return it")
+                action = self.action_of(g.action_bins)
                 fresh = plan != "action"
                 if fresh:
-                    text = self.model.processor.decode_text(g.rationale_ids)
-                    self._cache[i] = _Cached(instructions[i], g.rationale_ids, text, parse_generated_rationale(text))
+                    self._cache[i] = CachedRationale.decode(self.model.processor, g.rationale_ids, instructions[i],
+                                                            step=self._step, written_at=now)
                 cached = self._cache.get(i) if self.config.rationale_mode != "action_only" else None
                 if cached is not None and cached.instruction != instructions[i]:
                     cached = None
@@ -160,12 +197,14 @@ class Policy:
                     "action": g.action_ready_s * 1e3,
                 }
                 outputs[i] = PolicyOutput(
-                    action=action.astype(np.float32),
+                    action=action,
                     rationale=cached.rationale if cached else None,
                     rationale_text=cached.text if cached else "",
                     rationale_fresh=fresh,
                     timings_ms=timings,
                 )
+                if cached is not None:
+                    outputs[i].rationale_age_steps, outputs[i].rationale_age_s = cached.age(self._step, now)
         total = (time.perf_counter() - t0) * 1e3
         for out in outputs.values():
             out.timings_ms["total"] = total

@@ -263,9 +263,12 @@ class RefineVLA(torch.nn.Module):
         max_rationale_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
+        streamer: Any = None,
     ) -> list[Generated]:
         """Generate per row according to `plan` (see ActionGrammar); `fed_rationales` (rationale_then_action +
-        plan "action") are token ids fed before <begin_action> — a cached rationale reused as a forced prefix."""
+        plan "action") are token ids fed before <begin_action> — a cached rationale reused as a forced prefix.
+        `streamer` (transformers' BaseStreamer API: put(ids), end()) sees each new token as it is decoded (the
+        policy's streaming and async rationale modes)."""
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         order = self.refinevla_config.target_order
@@ -299,7 +302,7 @@ class RefineVLA(torch.nn.Module):
         )
         out = self.vlm.generate(
             **inputs, generation_config=gen_config, logits_processor=LogitsProcessorList([grammar]),
-            stopping_criteria=StoppingCriteriaList([_stopping_criteria(grammar)]),
+            stopping_criteria=StoppingCriteriaList([_stopping_criteria(grammar)]), streamer=streamer,
         )
         generate_s = time.perf_counter() - grammar.t0
         results = []

@@ -1,6 +1,7 @@
 """Policy: checkpoint in, un-normalised actions + rationales out, in the three rationale modes, deterministic, with the
-rationale cache of every_n mode; checked on a random model (format, grammar) and on a tiny model that really learned
-one (image, instruction) -> (rationale, action) pair with the joint loss."""
+rationale cache of every_n mode, and the streaming / async modes that write rationales beside control; checked on a
+random model (format, grammar) and on a tiny model that really learned one (image, instruction) -> (rationale,
+action) pair with the joint loss."""
 
 from __future__ import annotations
 
@@ -127,3 +128,100 @@ def test_bad_inputs_are_clear_errors(checkpoint):
     with pytest.raises(ConfigError, match="dtype 'fp8'"):
         PolicyConfig(dtype="fp8")
     assert policy.step == 0  # failed calls do not advance the episode
+
+
+def test_streaming_returns_the_action_first_and_the_rationale_later():
+    vla = overfit_tiny("action_then_rationale")
+    image, half_bin = example_image(), vla.processor.action_tokenizer.bin_width / 2 + 1e-6
+    policy = Policy(vla, PolicyConfig(rationale_mode="streaming", rationale_every_n=1))
+    try:
+        first = policy.predict(image, INSTRUCTION)
+        assert (np.abs(first.action - TARGET_ACTION) <= half_bin).all()
+        assert first.rationale is None and first.rationale_pending is not None, "the rationale follows the action"
+        late = first.rationale_pending.result(timeout=60)
+        assert late.rationale == RATIONALE and late.complete
+        assert first.timings_ms["action"] < late.generate_ms, "the action was handed over mid-generation"
+        assert policy.wait_background(60)
+        second = policy.predict(image, INSTRUCTION)  # the last one finished: a new one starts (every_n = 1)
+        assert second.rationale_pending is not None and (np.abs(second.action - first.action) <= 2 * half_bin).all()
+        assert second.rationale_pending.result(timeout=60).rationale == RATIONALE
+    finally:
+        policy.close()
+    with pytest.raises(ConfigError, match=r"writes its rationale first .* use async"):
+        Policy(overfit_tiny("rationale_then_action"), PolicyConfig(rationale_mode="streaming"))
+
+
+def test_streaming_steps_in_between_are_action_only_while_a_rationale_is_written():
+    policy = Policy(overfit_tiny("action_then_rationale"), PolicyConfig(rationale_mode="streaming",
+                                                                        rationale_every_n=3))
+    image = example_image()
+    try:
+        outs = []
+        for _ in range(4):
+            outs.append(policy.predict(image, INSTRUCTION))
+            assert policy.wait_background(60)
+        assert [o.rationale_pending is not None for o in outs] == [True, False, False, True]
+        assert [o.rationale_age_steps for o in outs] == [0, 1, 2, 0]
+        assert outs[1].rationale is None and outs[2].rationale is None, "in between: action-only steps"
+    finally:
+        policy.close()
+
+
+def test_async_feeds_the_cached_rationale_and_swaps_in_a_fresh_one():
+    vla = overfit_tiny("rationale_then_action")
+    image, half_bin = example_image(), vla.processor.action_tokenizer.bin_width / 2 + 1e-6
+    policy = Policy(vla, PolicyConfig(rationale_mode="async", rationale_every_n=1))
+    try:
+        first = policy.predict(image, INSTRUCTION)  # an episode's first step writes its rationale in the step
+        assert first.rationale == RATIONALE and first.rationale_fresh and first.rationale_age_steps == 0
+        second = policy.predict(image, INSTRUCTION)  # conditioned on the cache; a refresh starts on this image
+        assert second.rationale == RATIONALE and not second.rationale_fresh and second.rationale_age_steps == 1
+        (expected,) = vla.generate([image], [INSTRUCTION], plan="action", fed_rationales=[policy._live._latest.ids])
+        np.testing.assert_array_equal(second.action, vla.processor.decode_actions(expected.action_bins))
+        assert (np.abs(second.action - TARGET_ACTION) <= half_bin).all()
+        assert policy.wait_background(60)
+        third = policy.predict(image, INSTRUCTION)  # the refresh written on step 1's image is swapped in
+        assert third.rationale_fresh and third.rationale == RATIONALE and third.rationale_age_steps == 1
+        assert third.rationale_age_s >= 0.0
+        other = policy.predict(image, "put the carrot on the plate")  # a new instruction: the cache is dropped
+        assert other.rationale_fresh and other.rationale_age_steps == 0
+        policy.reset()
+        assert policy.predict(image, INSTRUCTION).rationale_age_steps == 0
+        with pytest.raises(ConfigError, match="one live stream"):
+            policy.predict_batch([image], [INSTRUCTION])
+    finally:
+        policy.close()
+
+
+def test_background_decoding_yields_the_model_to_a_control_step_between_tokens():
+    import threading
+    import time
+
+    import torch
+
+    from refinevla_core.inference.background import GenerationCancelledError, ModelGate, TokenStreamer
+
+    gate, cancel, order = ModelGate(), threading.Event(), []
+    streamer = TokenStreamer(gate, cancel, on_tokens=lambda tokens: order.append(f"token {len(tokens)}"))
+    holding = threading.Event()
+
+    def control_step():
+        holding.wait()
+        with gate.control():
+            order.append("control")
+
+    control = threading.Thread(target=control_step)
+    control.start()
+    with gate.background():
+        streamer.put(torch.tensor([[5, 6, 7]]))  # the prompt: not a new token
+        holding.set()
+        time.sleep(0.2)  # the control step is waiting now; it cannot get the model while a token is decoded
+        order.append("decoding")
+        streamer.put(torch.tensor([11]))  # between tokens: the control step goes first
+        order.append("resumed")
+        control.join(10)
+        cancel.set()
+        with pytest.raises(GenerationCancelledError):
+            streamer.put(torch.tensor([12]))  # a new episode stops the generation at its next token
+    assert order == ["decoding", "token 1", "control", "resumed", "token 2"]
+    assert streamer.tokens == [11, 12]

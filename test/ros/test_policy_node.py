@@ -557,3 +557,58 @@ def test_a_misspelt_key_in_a_params_file_stops_the_node(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "'image_timeot_s' (did you mean image_timeout_s?)" in r.stderr
     assert "max_delta'" not in r.stderr, "known keys are not reported"
+
+
+@pytest.mark.parametrize(("order", "mode"), [("action_then_rationale", "streaming"),
+                                             ("rationale_then_action", "async")])
+def test_streaming_and_async_rationales_carry_the_ids_and_ages_their_actions_name(tmp_path, order, mode):
+    """Real tiny checkpoints taught one (image, instruction) -> (rationale, action): the node publishes every action
+    at once and each rationale, written in the background, under the id an Action carried."""
+    from refinevla_core.model.checkpoint import save_checkpoint
+    from test.core.model_util import INSTRUCTION, RATIONALE, TARGET_ACTION, example_image, overfit_tiny
+
+    vla = overfit_tiny(order)
+    checkpoint = save_checkpoint(tmp_path / "tiny", vla, vla.processor, vla.stats, vla.refinevla_config)
+    rgb, half_bin = example_image(), vla.processor.action_tokenizer.bin_width / 2 + 1e-6
+    with peer_node(f"{mode}_peer") as (node, ex):
+        out = Outputs(node)
+        node.create_publisher(String, "/refinevla/instruction", INSTRUCTION_QOS).publish(String(data=INSTRUCTION))
+        camera = node.create_publisher(Image, "/camera/image_raw", 10)
+
+        def publish():
+            msg = rgb_to_image(rgb)
+            msg.header.stamp = node.get_clock().now().to_msg()
+            camera.publish(msg)
+
+        args = ["-p", f"checkpoint:={checkpoint}", "-p", f"policy.rationale_mode:={mode}",
+                "-p", "policy.rationale_every_n:=2", "-p", "policy.torch_threads:=1", "-p", "control_rate_hz:=2.0",
+                "-p", "image_timeout_s:=30.0"]
+        with node_process(MODULE, args) as proc:
+            def age_reported() -> bool:
+                return any({kv.key: kv.value for kv in d.status[0].values}["rationale_age_s_last"] != ""
+                           for d in out.diagnostics)
+
+            assert spin_until(ex, lambda: len(out.moving()) >= 6 and len(out.structured) >= 2 and age_reported(),
+                              180, every=publish, period=0.1), proc.output()
+            assert proc.alive()
+    moving = out.moving()
+    for action in moving:
+        assert np.all(np.abs(msg_to_delta(action.delta) - TARGET_ACTION[:6]) <= np.broadcast_to(half_bin, 7)[:6])
+        assert action.guard_reason == ""
+    assert all(r.text == RATIONALE.text() and r.observation == RATIONALE.observation for r in out.structured)
+    by_id: dict[int, Action] = {}
+    for a in out.actions:
+        by_id.setdefault(a.rationale_id, a)
+    for r in out.structured:  # each rationale names the step (and image) of the first Action that carried its id
+        assert r.id in by_id and r.header.stamp == by_id[r.id].header.stamp and r.step == by_id[r.id].step
+    if mode == "streaming":  # due steps announce a rationale still being written; the ones in between are action-only
+        assert {a.rationale_age_steps for a in moving if a.rationale_id} == {0}
+        # in between: the age of the newest finished rationale (-1 while the episode's first is still being written)
+        assert any(a.rationale_id == 0 and a.rationale_age_steps > 0 and a.rationale_age_s > 0 for a in moving)
+    else:  # every action is conditioned on a cached rationale; refreshes are swapped in while control goes on
+        assert all(a.rationale_id > 0 and a.rationale_age_steps >= 0 for a in moving)
+        assert max(a.rationale_age_steps for a in moving) >= 1
+    values = [{kv.key: kv.value for kv in d.status[0].values} for d in out.diagnostics]
+    assert all(v["rationale_mode"] == mode for v in values)
+    assert any(v["rationale_age_steps_last"] != "" and float(v["rationale_age_s_last"]) >= 0 for v in values), values
+    out.assert_all_safe()
