@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -364,8 +365,10 @@ def apply_lora(model: nn.Module, report: FreezeReport, *, r: int, alpha: int, dr
     trainable_layers = [i for i in range(len(parts.layers)) if i not in set(report.frozen_layers)]
     regex = lora_target_regex(parts, trainable_layers, module_names)
     keep = [name for name, p in model.named_parameters() if p.requires_grad and name.endswith(".rows")]
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                  target_modules=regex, bias="none"))
+    with warnings.catch_warnings():  # peft reads transformers' renamed `is_gradient_checkpointing`: not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                      target_modules=regex, bias="none"))
     hit = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
     if not hit:
         raise ConfigError(f"lora.target_modules {list(module_names)} match no module of the trainable layers")
