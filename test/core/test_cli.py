@@ -125,3 +125,19 @@ def test_bench_writes_under_runs_bench_unless_told(tmp_path, monkeypatch):
     parser = cli.build_parser("bench")
     assert parser.parse_args(["bench", "infer"]).out_dir == bench.DEFAULT_OUT == Path("runs/bench")
     assert parser.parse_args(["bench", "--out", "benchmarks", "infer"]).out_dir == Path("benchmarks")
+
+
+def test_every_help_example_parses():
+    """The examples are commands a user copies: each one names only options its command knows."""
+    import shlex
+
+    texts = [cli.TOP_LEVEL_EXAMPLES, *cli.EXAMPLES.values()]
+    commands = [line.split("#")[0].strip() for text in texts for line in text.replace("\\\n", " ").splitlines()]
+    commands = [c for c in commands if c.startswith("refinevla ") and "COMMAND" not in c]
+    assert len(commands) >= 15
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        parser = cli.build_parser(argv[0])
+        assert cli.unknown_option(parser, argv) is None, command
+        args, unknown = parser.parse_known_args(argv)
+        assert args.command == argv[0] and not unknown, command
