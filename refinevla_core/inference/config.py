@@ -34,6 +34,7 @@ class PolicyConfig:
     dtype: str = ""  # "": the checkpoint's dtype; or "float32", "bfloat16", "float16"
     torch_threads: int = 0  # torch.set_num_threads at load (0: leave torch's default)
     verify: Literal["auto", "size", "sha256"] = "auto"  # checkpoint file verification at load
+    execute_steps: int = 0  # π0 checkpoints: actions of a chunk executed before re-planning (0: the checkpoint's)
 
     def __post_init__(self) -> None:
         if self.rationale_mode not in RATIONALE_MODES:
@@ -48,6 +49,8 @@ class PolicyConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not one of '', 'float32', 'bfloat16', 'float16'")
         if self.torch_threads < 0:
             raise ConfigError(f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}")
+        if self.execute_steps < 0:
+            raise ConfigError(f"execute_steps must be >= 0 (0: the checkpoint's), got {self.execute_steps}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 

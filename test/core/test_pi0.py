@@ -287,6 +287,10 @@ def test_policy_refuses_unsupported_modes_and_bad_replanning(tiny):
         Pi0Policy(tiny, PolicyConfig(rationale_mode="async"))
     with pytest.raises(ConfigError, match=r"replan_every must be in 1\.\.chunk_size"):
         Pi0Policy(tiny, PolicyConfig(), replan_every=9)
+    with pytest.raises(ConfigError, match=r"replan_every must be in 1\.\.chunk_size"):
+        Pi0Policy(tiny, PolicyConfig(execute_steps=5))
+    assert Pi0Policy(tiny, PolicyConfig(execute_steps=3)).replan_every == 3
+    assert Pi0Policy(tiny, PolicyConfig()).replan_every == tiny.refinevla_config.replan_every == 2
 
 
 def test_lora_keeps_the_expert_training_and_saves_a_merged_checkpoint(dataset, tmp_path):

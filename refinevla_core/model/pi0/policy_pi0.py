@@ -2,10 +2,11 @@
 
 π0 predicts a chunk of `chunk_size` future actions per forward pass. The policy executes the chunk one action per
 call (at the caller's control rate: the policy node's timer or the simulator's lock-step) and re-plans every
-`replan_every` calls (the checkpoint's `execute_steps`, or the constructor's argument), and also whenever the
-instruction changes, after reset(), or when a fresh rationale is due (rationale modes as for Policy: action_only,
-every_step, every_n; with rationale_then_action a cached rationale is fed before the expert runs, so in-between
-chunks stay conditioned on it). The node's guards (stale images, holds, safety clamps) apply to each returned action
+`replan_every` calls (the constructor's argument, else PolicyConfig.execute_steps - the policy node's parameter
+policy.execute_steps - else the checkpoint's execute_steps), and also whenever the instruction changes, after
+reset(), or when a fresh rationale is due (rationale modes as for Policy: action_only, every_step, every_n; with
+rationale_then_action a cached rationale is fed before the expert runs, so in-between chunks stay conditioned on
+it). The node's guards (stale images, holds, safety clamps) apply to each returned action
 exactly as for the PaliGemma family: the policy only decides which action comes next.
 """
 
@@ -50,7 +51,7 @@ class Pi0Policy:
         if model.stats is None:
             raise ConfigError("the π0 model has no action statistics; load it from a checkpoint (stats.json)")
         chunk = model.refinevla_config.chunk_size
-        self.replan_every = int(replan_every or model.refinevla_config.replan_every)
+        self.replan_every = int(replan_every or self.config.execute_steps or model.refinevla_config.replan_every)
         if not 1 <= self.replan_every <= chunk:
             raise ConfigError(f"replan_every must be in 1..chunk_size={chunk}, got {self.replan_every}")
         self._rows: dict[int, _RowState] = {}
