@@ -46,6 +46,17 @@ def phase_of(text: str) -> str | None:
     return m.group(1) if m else None
 
 
+def parses(text: str) -> bool:
+    """Whether a generated rationale holds all four sections (refinevla_core.rationale.parse_rationale)."""
+    from refinevla_core.rationale import RationaleError, parse_rationale
+
+    try:
+        parse_rationale(text)
+    except RationaleError:
+        return False
+    return True
+
+
 def _l1(pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     err = np.abs(np.asarray(pred, np.float64) - np.asarray(truth, np.float64))
     return {"l1": float(err.mean()), "l1_xyz": float(err[:, :3].mean()), "l1_per_dim": [float(v) for v in
@@ -78,6 +89,8 @@ def forced_rationale_diagnostic(model: Any, samples: list[Any], has_rationale: b
     for key, preds in rows.items():
         if preds:
             out[key] = _l1(np.stack(preds), truth)
+    # one action for every frame = the marginal was learnt, not the image (the report says so)
+    out["distinct_actions"] = len({tuple(np.round(a, 5)) for a in rows["action_only"]})
     if texts:
         teacher = [proc.decode_text(proc.rationale_ids(s.rationale)) for s in samples]
         phases = [(phase_of(g), phase_of(t)) for g, t in zip(texts, teacher, strict=True)]
@@ -91,6 +104,7 @@ def forced_rationale_diagnostic(model: Any, samples: list[Any], has_rationale: b
             # what always stating the most common teacher phase would score: the base rate of the agreement
             "phase_base_rate": (max(sum(t == p for _, t in known) for _, p in known) / len(known)) if known else None,
             "mean_chars": float(np.mean([len(t) for t in texts])),
+            "parse_rate": float(np.mean([parses(t) for t in texts])),
         }
     return out
 

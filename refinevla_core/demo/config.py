@@ -101,6 +101,7 @@ class EvalSettings:
     reference_episodes: int = 20  # scripted expert and random policy, in-process, the same seeds
     references: list[str] = field(default_factory=lambda: ["expert", "random"])
     step_timeout_s: float = 120.0  # no progress for this long -> the evaluation fails with the node logs
+    base_reference: bool = True  # also evaluate the pretrained base alone (when train.base_config has one)
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or self.lanes < 1:

@@ -225,3 +225,36 @@ def eval_fingerprint_parts(model: ModelSettings, collect: CollectSettings, setti
 def reference_fingerprint_parts(collect: CollectSettings, settings: EvalSettings) -> dict[str, Any]:
     return {"sim": sim_settings(collect, settings), "seed": settings.seed, "episodes": settings.reference_episodes,
             "references": settings.references}
+
+
+BASE_NAME = "pretrained_base"
+
+
+def base_reference(train: Any, settings: EvalSettings) -> tuple[ModelSettings, str] | None:
+    """The pretrained base of the demo's models as a policy to evaluate alone (action-only, through the same ROS
+    lanes): what fine-tuning adds is measured against it. None without a base or with eval.base_reference off."""
+    import yaml
+
+    from refinevla_core.demo.config import resolve_repo_path
+    from refinevla_core.training.trainer import refinevla_checkpoint_folder
+
+    if not settings.base_reference:
+        return None
+    data = yaml.safe_load(resolve_repo_path(train.base_config).read_text()) or {}
+    folder = refinevla_checkpoint_folder((train.extra or {}).get("base_checkpoint", data.get("base_checkpoint")))
+    if folder is None:
+        return None
+    model = ModelSettings(name=BASE_NAME, description="the pretrained base alone, no fine-tuning (reference)",
+                          lambda_rationale=0.0, rationale_dropout=1.0, target_order="action_then_rationale",
+                          eval_rationale_mode="action_only")
+    return model, str(folder.resolve())
+
+
+def checkpoint_fingerprint(folder: str | Path) -> str:
+    """Identity of a checkpoint's weights for the stage cache (its manifest, else the weights' size and time)."""
+    folder = Path(folder)
+    manifest = folder / "refinevla_checkpoint.json"
+    if manifest.is_file():
+        return manifest.read_text()
+    weights = folder / "model.safetensors"
+    return f"{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights.is_file() else str(folder)

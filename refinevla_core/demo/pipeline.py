@@ -137,6 +137,13 @@ def run_demo(config: DemoConfig, out: Path, progress: bool = True, until: str | 
            f"({min(e.lanes, len(models))} lane(s)); references in-process: {', '.join(e.references) or 'none'}")
     items = {f"eval:{m.name}": (fingerprint("eval", fp_train[m.name], eval_mod.eval_fingerprint_parts(m, c, e)),
                                 [eval_dir / m.name]) for m in models}
+    checkpoints = {m.name: train_results[m.name]["checkpoint"] for m in models}
+    base = eval_mod.base_reference(t, e)  # (ModelSettings, checkpoint) of the pretrained base, or None
+    if base is not None:
+        by_name[base[0].name], checkpoints[base[0].name] = base
+        items[f"eval:{base[0].name}"] = (fingerprint("eval", eval_mod.checkpoint_fingerprint(base[1]),
+                                                     eval_mod.eval_fingerprint_parts(base[0], c, e)),
+                                         [eval_dir / base[0].name])
     if e.references:
         items["eval:references"] = (fingerprint("references", eval_mod.reference_fingerprint_parts(c, e)),
                                     [eval_dir / "references"])
@@ -144,7 +151,7 @@ def run_demo(config: DemoConfig, out: Path, progress: bool = True, until: str | 
     def evaluate(names: list[str]) -> dict[str, dict[str, Any]]:
         todo = [by_name[n.split(":", 1)[1]] for n in names if n != "eval:references"]
         refs = e.references if "eval:references" in names else None
-        got = eval_mod.evaluate_models(todo, {m.name: train_results[m.name]["checkpoint"] for m in todo}, c, e,
+        got = eval_mod.evaluate_models(todo, {m.name: checkpoints[m.name] for m in todo}, c, e,
                                        eval_dir, progress=progress, references=refs,
                                        reference_dir=eval_dir / "references")
         res = {f"eval:{n}": r for n, r in got["models"].items()}
@@ -159,6 +166,8 @@ def run_demo(config: DemoConfig, out: Path, progress: bool = True, until: str | 
     record("eval", list(evaluated.values()))
     eval_results = {"models": {m.name: evaluated[f"eval:{m.name}"].result for m in models},
                     "references": evaluated["eval:references"].result if e.references else {}}
+    if base is not None:
+        eval_results["base"] = {"checkpoint": str(base[1]), **evaluated[f"eval:{base[0].name}"].result}
     if until == "eval":
         return result
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from refinevla_core.config import save_config, to_dict
 from refinevla_core.demo.cache import advance_bar
 from refinevla_core.demo.config import ModelSettings, TrainSettings, resolve_repo_path
@@ -46,9 +48,15 @@ def train_config(settings: TrainSettings, model: ModelSettings, dataset: Path, o
 def train_fingerprint_parts(settings: TrainSettings, model: ModelSettings) -> dict[str, Any]:
     base = resolve_repo_path(settings.base_config)
     shared = {k: v for k, v in to_dict(settings).items() if k not in ("models", "parallel")}
+    from refinevla_core.demo.evaluate import checkpoint_fingerprint
+    from refinevla_core.training.trainer import refinevla_checkpoint_folder
+
+    config = yaml.safe_load(base.read_text()) or {} if base.is_file() else {}
+    weights = refinevla_checkpoint_folder(settings.extra.get("base_checkpoint", config.get("base_checkpoint")))
     return {"shared": shared, "model": {k: v for k, v in to_dict(model).items()
                                         if k not in ("description", "eval_rationale_mode")},
-            "base_config": base.read_text() if base.is_file() else str(base)}
+            "base_config": base.read_text() if base.is_file() else str(base),
+            "base_weights": checkpoint_fingerprint(weights) if weights else None}
 
 
 @dataclass

@@ -186,11 +186,35 @@ def collect(cfg: CollectConfig, progress: bool = True, backends: dict[str, SimBa
     return summary
 
 
+def merge_datasets(sources: list[Path], out: Path, progress: bool = True) -> int:
+    """Append the episodes of collected datasets (e.g. shards collected side by side) into `out`, in order, and
+    compute its action statistics. Resumable: episodes already in `out` (by source and seed) are skipped."""
+    from tqdm import tqdm
+
+    from refinevla_core.data.stats import compute_dataset_stats
+
+    datasets = [EpisodeDataset(s) for s in sources]
+    names = [str(Path(s).resolve()) for s in sources]
+    if (out / "meta.json").exists():
+        merged = EpisodeDataset(out)
+        if merged.meta.get("merged_from") != names:
+            raise DataError(f"{out} holds another merge ({merged.meta.get('merged_from')}); choose another --out")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        merged = EpisodeDataset.create(out, name=out.name, fps=20.0, merged_from=names,
+                                       collect=[d.meta.get("collect") for d in datasets], source="refinevla collect")
+    refs = [(d, i) for d in datasets for i in range(len(d))]
+    for d, i in tqdm(refs[len(merged):], desc="merge", unit="ep", disable=not progress, file=sys.stderr):
+        merged.append(d.load_episode(i))
+    compute_dataset_stats(merged)
+    return len(merged)
+
+
 # ---- CLI -----------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", nargs="+", default=["PushCube-v1"], metavar="TASK",
                         help=f"task(s), cycled per episode; one of {sorted(EXPERTS)}")
-    parser.add_argument("--episodes", type=int, required=True, help="target number of episodes in the dataset")
+    parser.add_argument("--episodes", type=int, help="target number of episodes in the dataset")
     parser.add_argument("--out", type=Path, required=True, help="dataset folder (created, or resumed)")
     parser.add_argument("--image-size", type=int, default=112, help="square camera image size in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of episode 0; episode i uses seed + i")
@@ -207,9 +231,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-std-m", type=float, default=0.02, help="std of that noise per axis, metres")
     parser.add_argument("--only-success", action="store_true", help="drop episodes the expert failed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="DATASET",
+                        help="instead of collecting: append these collected datasets (e.g. shards collected side by "
+                             "side) into --out, in order, with action statistics")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.merge:
+        try:
+            n = merge_datasets(list(args.merge), args.out, progress=not args.no_progress)
+        except DataError as e:
+            print(f"refinevla collect --merge: {e}", file=sys.stderr)
+            return 2
+        print(f"{args.out}: {n} episodes merged from {len(args.merge)} datasets")
+        return 0
+    if args.episodes is None:
+        print("refinevla collect: --episodes is required (or --merge DATASET ...)", file=sys.stderr)
+        return 2
     try:
         cfg = CollectConfig(tasks=list(args.task), episodes=args.episodes, out=args.out, seed=args.seed,
                             image_size=args.image_size, max_steps=args.max_steps, control_mode=args.control_mode,

@@ -65,6 +65,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 PROGRESS_NAME = "progress.json"
 METRICS_NAME = "metrics.json"
 CURVE_NAME = "loss_curve.png"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TRUNCATION_WARN_SHARE = 0.1  # above this share of shortened rationales the trainer warns
 
 
@@ -106,10 +107,22 @@ def build_model(config: TrainConfig) -> Any:
     if config.max_rationale_tokens is not None:
         overrides["max_rationale_tokens"] = config.max_rationale_tokens
     base = config.base_checkpoint
-    if base and (Path(base) / "refinevla_config.json").is_file():
-        return _from_refinevla_checkpoint(Path(base), config, overrides)
+    local = refinevla_checkpoint_folder(base)
+    if local is not None:
+        return _from_refinevla_checkpoint(local, config, overrides)
     return build_from_preset(config.preset, target_order=config.target_order, base_checkpoint=base,
                              seed=config.seed, overrides=overrides or None)
+
+
+def refinevla_checkpoint_folder(base: str | None) -> Path | None:
+    """A base_checkpoint that is a checkpoint of this project: relative to the working directory or, for the
+    shipped models/ (e.g. models/tiny-base), to the repository; None for a preset's pretrained base or hub id."""
+    if not base:
+        return None
+    for folder in (Path(base), REPO_ROOT / base):
+        if (folder / "refinevla_config.json").is_file():
+            return folder
+    return None
 
 
 def _from_refinevla_checkpoint(path: Path, config: TrainConfig, overrides: dict[str, Any]) -> Any:
@@ -134,7 +147,7 @@ def _check_model_source(config: TrainConfig) -> None:
     from refinevla_core.model.presets import load_preset
 
     base = config.base_checkpoint
-    if base and (Path(base) / "refinevla_config.json").is_file():
+    if refinevla_checkpoint_folder(base) is not None:
         return
     load_preset(config.preset)  # ConfigError: unknown model preset ..., choose one of [...]
 

@@ -59,7 +59,7 @@ def test_fewer_frames_than_a_batch_is_a_clear_error():
 
 def test_frames_carry_their_rationale_and_dropout_is_deterministic(tmp_path):
     ds = make_dataset(tmp_path / "ds", episodes=3, length=5, stats=False)
-    frames = EpisodeFrames(ds, [0, 2], seed=0, rationale_dropout=0.5, cache_episodes=1)
+    frames = EpisodeFrames(ds, [0, 2], seed=0, rationale_dropout=0.5, cache_mb=0)
     assert len(frames) == 10 and frames.num_with_rationale == 10
     sample = frames[(6, 0)]
     assert (sample.episode, sample.frame) == (2, 1)
