@@ -63,6 +63,7 @@ def action(a: np.ndarray | list[float], stamp_ns: int = 0, safe_hold: bool = Fal
     return T["refinevla/msg/Action"](
         header=header(stamp_ns, "base_link"), delta=delta(a, stamp_ns), gripper=float(a[6]), step=step,
         inference_latency_ms=1.0, rationale_id=0, safe_hold=safe_hold, guard_reason="hold" if safe_hold else "",
+        rationale_age_steps=-1, rationale_age_s=-1.0,  # msg/Action.msg: -1 = no rationale with this step
     )
 
 
