@@ -48,6 +48,7 @@ from rclpy.executors import SingleThreadedExecutor
 from refinevla.msg import Action, EpisodeStatus
 from refinevla.msg import Rationale as RationaleMsg
 from refinevla.srv import ResetEpisode
+from refinevla_core.demo.analysis import parses
 from refinevla_core.sim.config import SimConfig
 from refinevla_ros.sim_bridge_node import (
     COMMAND_QOS,
@@ -298,7 +299,7 @@ class LaneDriver:
     def _record(self, seed: int, instruction: str, episode: int, retries: int, wall_s: float) -> dict[str, Any]:
         statuses = sorted((s for s in self.statuses if s.episode == episode), key=lambda s: s.step)
         last = statuses[-1]
-        latency, fresh, holds, duplicates, rationales = [], [], {}, 0, []
+        latency, fresh, holds, duplicates, rationales, parsed = [], [], {}, 0, [], 0
         late_first = False
         for status in statuses[:-1]:  # every observation the policy acted on
             ns = stamp_ns(status.header.stamp)
@@ -317,13 +318,14 @@ class LaneDriver:
             rationale = self.rationales.get(ns)
             is_fresh = bool(rationale is not None and rationale.fresh)
             fresh.append(is_fresh)
+            parsed += int(is_fresh and parses(rationale.text))
             if is_fresh and len(rationales) < KEEP_RATIONALES:
                 rationales.append({"step": int(status.step), "text": rationale.text})
         record = {"seed": seed, "instruction": instruction, "task": last.task, "success": bool(last.ever_success),
                   "final_success": bool(last.success), "steps": int(last.step), "wall_s": round(wall_s, 3),
                   "latency_ms": latency, "fresh_rationale": fresh, "holds": holds, "duplicate_actions": duplicates,
                   "first_step_before_instruction": late_first, "first_step_resets": retries,
-                  "rationales": rationales, "via": "ros: sim_bridge_node + policy_node"}
+                  "rationales": rationales, "rationales_parsed": parsed, "via": "ros: sim_bridge_node + policy_node"}
         # forget this episode's messages
         stamps = {stamp_ns(s.header.stamp) for s in statuses}
         for ns in stamps:

@@ -168,6 +168,9 @@ def summarise_model(model_dir: Path, model: ModelSettings, settings: EvalSetting
         "mean_steps": float(np.mean([r["steps"] for r in records])) if records else None,
         "policy_node_latency_ms": _latency(latency), "fresh_rationale_step_ms": _latency(fresh_ms),
         "other_step_ms": _latency(plain_ms), "holds": holds,
+        # share of the rationales policy_node wrote in the closed loop that hold all four sections
+        "rationale_parse_rate": (sum(r.get("rationales_parsed", 0) for r in records) / sum(fresh)) if any(fresh)
+        else None,
         "duplicate_actions": sum(r["duplicate_actions"] for r in records),
         "first_steps_before_instruction": sum(bool(r["first_step_before_instruction"]) for r in records),
         "first_step_resets": sum(r["first_step_resets"] for r in records),

@@ -307,7 +307,8 @@ def write_report(out: Path, context: dict[str, Any]) -> dict[str, Any]:
     for name, a in analyses.items():
         r = a["diagnostic"].get("rationales")
         if r:
-            rationale_stats.append([name, r["frames"], r.get("parse_rate"), r["distinct_generated"],
+            rationale_stats.append([name, r["frames"], r.get("parse_rate"),
+                                    (evals.get(name) or {}).get("rationale_parse_rate"), r["distinct_generated"],
                                     r["most_common_share"], r["phase_agreement"], r.get("phase_base_rate"),
                                     r["exact_match_teacher_target"]])
     mrt = int(config["train"]["max_rationale_tokens"])
@@ -385,7 +386,8 @@ def write_report(out: Path, context: dict[str, Any]) -> dict[str, Any]:
           annotate["frames_with_rationale"], annotate["teacher"]]])
     curve_links = " ".join(f"<a href='loss_curve_{n}.png'>{html.escape(n)}</a>" for n in train)
     no_diag = ["No model of this run writes its rationale before the action, so there is no rationale to force."]
-    stats_head = ["model", "frames", "parse into four sections", "distinct generated", "share of the most common",
+    stats_head = ["model", "frames", "parse into four sections", "parse rate, closed loop (policy_node)",
+                  "distinct generated", "share of the most common",
                   "phase agrees with teacher",
                   "agreement of always the commonest phase", "exact match of the trained text"]
     loop_table = (_table(["model", "seed", "step", "rationale"], loop_examples) if loop_examples

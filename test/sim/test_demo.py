@@ -70,6 +70,8 @@ def test_report_json_holds_what_was_measured(quick_run):
         assert "policy_node" in via and "sim_bridge_node" in via
         assert report["success"][name]["policy_node_latency_ms"]["mean"] > 0
     assert set(report["references"]) == {"expert", "random"}
+    base = report["success"]["pretrained base alone (reference)"]  # models/tiny-base through the same ROS lanes
+    assert base["trials"] == 1 and "policy_node" in base["via"]
     in_process = [row for row in report["latency"] if row[1] == "Policy in-process"]
     assert in_process and all(row[4] > 0 for row in in_process)
     modes = {row[2] for row in in_process if row[0] == "refinevla_cot"}
