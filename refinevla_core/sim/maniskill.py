@@ -172,6 +172,8 @@ class ManiSkillBackend(SimBackend):
         self.spec = TASKS[config.task]
         warnings.filterwarnings("ignore", module="mani_skill")
         warnings.filterwarnings("ignore", message=".*sapien_cuda.*")
+        # sapien's own Vulkan loader is what runs the ICD of $VK_ICD_FILENAMES (lavapipe): nothing to act on
+        warnings.filterwarnings("ignore", message="Failed to find system libvulkan")
         try:
             import gymnasium as gym
             import mani_skill.envs  # noqa: F401  (registers the tasks)

@@ -43,6 +43,7 @@ def test_the_sim_graph_from_the_launchers(tmp_path):
         status = topic("echo", "/refinevla/episode_status", "--count", "1", "--timeout", "400")
         assert status.returncode == 0, status.stderr + logs["bridge"].read_text()
         assert "task: PushCube-v1" in status.stdout and "instruction:" in status.stdout
+        assert "Warning" not in logs["bridge"].read_text(), "a normal start prints no library warning"
         pub = topic("pub", "/refinevla/instruction", "std_msgs/msg/String", "data: push the cube to the target")
         assert pub.returncode == 0, pub.stderr
         action = topic("echo", "/refinevla/action", "--count", "2", "--timeout", "120")
