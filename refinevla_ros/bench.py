@@ -7,6 +7,13 @@
    (the cost of the model alone at 5 Hz), plus "no queue growth": the age of each decision's image at the time the
    delta arrives, first third vs last third of the run, and the node's memory.
 3. --soak-minutes M (optional): phase 2 for M minutes; memory (RSS) sampled every 30 s.
+4. control rate per rationale mode (--modes, default action_only, every_n, streaming, async): one node per mode
+   under the same camera; achieved control Hz (non-hold actions per second) vs action_only on the same checkpoint,
+   action latency (the node's predict time), rationales published, rationale age (Action.rationale_age_steps / _s)
+   and holds by reason. The rate is chosen so an action-only step takes a third of the period (--mode-control-hz
+   overrides); each mode is measured after a warm-up; image_timeout_s is 1 s (two periods at lower rates). streaming
+   needs an action-first model: it runs on the same preset with target order action_then_rationale (random init),
+   with its own action_only baseline. Goal: streaming and async >= 0.8x action_only.
 
 The model is a real ReFineVLA checkpoint: --checkpoint, or by default the random-init tiny and mid presets with
 identity action statistics saved to a temporary folder (never deploy them; they exist to time the plumbing). rclpy and
@@ -16,6 +23,7 @@ the message packages are imported inside run(), so `refinevla --help` works with
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import random
 import signal
@@ -53,17 +61,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camera-height", type=int, default=480)
     parser.add_argument("--soak-minutes", type=float, default=0.0, help="optional long run reporting memory")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
+    parser.add_argument("--modes", default="action_only,every_n,streaming,async",
+                        help="rationale modes of the control-rate phase ('' skips it)")
+    parser.add_argument("--mode-presets", default="tiny", help="presets of the control-rate phase (e.g. tiny,mid)")
+    parser.add_argument("--mode-seconds", type=float, default=20.0, help="camera seconds per mode")
+    parser.add_argument("--mode-every-n", type=int, default=5, help="policy.rationale_every_n in that phase")
+    parser.add_argument("--mode-control-hz", type=float, default=0.0,
+                        help="control rate of that phase (0: auto, --control-hz capped so an action-only step "
+                             "measured here takes a third of the period: the modes are compared where action-only "
+                             "keeps the rate)")
     parser.add_argument("--device", default="cpu")
 
 
-def _default_checkpoint(preset: str, folder: Path) -> Path:
+def _default_checkpoint(preset: str, folder: Path, target_order: str | None = None) -> Path:
     from refinevla_core.data.stats import ActionStats
     from refinevla_core.model.checkpoint import save_checkpoint
     from refinevla_core.model.presets import build_from_preset
 
-    vla = build_from_preset(preset)
+    vla = build_from_preset(preset, target_order=target_order)
     vla.processor.set_action_stats(ActionStats.identity())  # random model, no dataset: for timing only
-    return save_checkpoint(folder / preset, vla, vla.processor, vla.stats, vla.refinevla_config)
+    name = preset if target_order is None else f"{preset}-{target_order}"
+    return save_checkpoint(folder / name, vla, vla.processor, vla.stats, vla.refinevla_config)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -83,10 +101,10 @@ class _NodeUnderTest:
     it must never reach a real robot's graph)."""
 
     def __init__(self, checkpoint: Path, args: argparse.Namespace, control_hz: float, env: dict[str, str],
-                 log: Path) -> None:
+                 log: Path, **overrides: Any) -> None:
         params = {"checkpoint": str(checkpoint), "device": args.device, "control_rate_hz": float(control_hz),
                   "image_timeout_s": 60.0, "policy.rationale_mode": args.rationale_mode,
-                  "policy.torch_threads": args.threads}
+                  "policy.torch_threads": args.threads, **overrides}
         cmd = [sys.executable, "-m", "refinevla_ros.policy_node", "--ros-args"]
         for k, v in params.items():
             cmd += ["-p", f"{k}:={v}"]
@@ -123,6 +141,7 @@ class _Peer:
         from std_msgs.msg import String
 
         from refinevla.msg import Action, EndEffectorDelta
+        from refinevla.msg import Rationale as RationaleMsg
         from refinevla_ros.topics import INSTRUCTION_QOS
 
         self.context = rclpy.Context()
@@ -134,8 +153,11 @@ class _Peer:
         self.instruction = self.node.create_publisher(String, "/refinevla/instruction", INSTRUCTION_QOS)
         self.delta_at: dict[int, float] = {}  # image stamp (ns) -> receive time
         self.actions: list[tuple[float, Any]] = []
+        self.rationales: list[tuple[float, Any]] = []
         self.node.create_subscription(EndEffectorDelta, "/refinevla/ee_delta", self._on_delta, 100)
         self.node.create_subscription(Action, "/refinevla/action", self._on_action, 100)
+        self.node.create_subscription(RationaleMsg, "/refinevla/rationale_structured",
+                                      lambda m: self.rationales.append((time.perf_counter(), m)), 100)
         self.instruction.publish(String(data=INSTRUCTION))
 
     @staticmethod
@@ -301,13 +323,144 @@ def _latency_rows(name: str, lat: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+MODE_GOAL = 0.8
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _mode_control_hz(args: argparse.Namespace, checkpoint: Path) -> float:
+    """--mode-control-hz, or --control-hz capped at a third of what an action-only step measured here allows."""
+    if args.mode_control_hz > 0:
+        return args.mode_control_hz
+    from refinevla_core.inference.config import PolicyConfig, RunnerConfig
+    from refinevla_core.inference.factory import make_policy
+
+    policy = make_policy(RunnerConfig(checkpoint=str(checkpoint), device=args.device,
+                                      policy=PolicyConfig(rationale_mode="action_only", torch_threads=args.threads)))
+    rgb = np.random.default_rng(2).integers(0, 255, (args.camera_height, args.camera_width, 3), dtype=np.uint8)
+    times = []
+    for i in range(7):
+        t0 = time.perf_counter()
+        policy.predict(rgb, INSTRUCTION)
+        if i >= 2:  # the first calls allocate
+            times.append(time.perf_counter() - t0)
+    return round(min(args.control_hz, 1.0 / (3.0 * statistics.median(times))), 1) or 0.1
+
+
+def _mode_image_timeout(args: argparse.Namespace) -> float:
+    """The default 1 s, or two control periods when the rate is lower (a slow machine must not hold every step)."""
+    return max(1.0, 2.0 / args.mode_hz)
+
+
+def _mode_run(args: argparse.Namespace, peer: _Peer, env: dict[str, str], log: Path, *, checkpoint: Path,
+              mode: str) -> dict[str, Any]:
+    """One policy_node in `mode` under the camera phase: what control it achieved and what rationales it wrote."""
+    node = _NodeUnderTest(checkpoint, args, args.mode_hz, env, log, **{
+        "policy.rationale_mode": mode, "policy.rationale_every_n": args.mode_every_n,
+        "image_timeout_s": _mode_image_timeout(args)})
+    try:
+        if not peer.spin_until(lambda: node.proc.poll() is not None or "active: control" in node.output()
+                               or "autostart failed" in node.output(), 120) or "autostart failed" in node.output():
+            return {"mode": mode, "skipped": node.output().split("configure failed")[-1][:300].strip()}
+        node.check_alive()
+        # warm-up, not measured: discovery, the first (allocating) steps, the episode's first rationale
+        _camera_phase(args, peer, node, max(4.0, 3.0 / args.mode_hz))
+        first_action, first_rationale = len(peer.actions), len(peer.rationales)
+        cam = _camera_phase(args, peer, node, args.mode_seconds)
+        actions = [a for _, a in peer.actions[first_action:]]
+        rationales = len(peer.rationales) - first_rationale
+    finally:
+        node.stop()
+    moving = [a for a in actions if not a.safe_hold]
+    ages = [(a.rationale_age_steps, a.rationale_age_s) for a in moving
+            if getattr(a, "rationale_age_steps", -1) >= 0]  # absent from interfaces built before the field
+    latency = [a.inference_latency_ms for a in moving]
+    return {
+        "mode": mode, "hz": len(moving) / cam["wall_s"], "steps": len(actions), "moving": len(moving),
+        "latency_ms_p50": _pct(latency, 50), "latency_ms_p90": _pct(latency, 90),
+        "decision_age_ms": cam["age_late_ms"], "rationales": rationales,
+        "age_steps_p50": _pct([s for s, _ in ages], 50), "age_steps_p90": _pct([s for s, _ in ages], 90),
+        "age_steps_max": max((s for s, _ in ages), default=float("nan")), "age_s_p50": _pct([t for _, t in ages], 50),
+        "age_s_p90": _pct([t for _, t in ages], 90),
+        "holds": dict(collections.Counter(a.guard_reason.split(":")[0] for a in actions if a.safe_hold)),
+    }
+
+
+def _modes_phase(args: argparse.Namespace, peer: _Peer, env: dict[str, str], work: Path) -> dict[str, Any]:
+    """Control rate per rationale mode; each compared with action_only on the same checkpoint (same model order)."""
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes:
+        return {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    args.mode_hz = None
+    for preset in [p.strip() for p in args.mode_presets.split(",") if p.strip()]:
+        plans = {"rationale_then_action": [m for m in modes if m != "streaming"],
+                 "action_then_rationale": ["action_only", "streaming"] if "streaming" in modes else []}
+        for order, order_modes in plans.items():
+            if not order_modes:
+                continue
+            checkpoint = args.checkpoint or _default_checkpoint(preset, work / "modes", order)
+            if args.mode_hz is None:
+                args.mode_hz = _mode_control_hz(args, checkpoint)
+            with_baseline = order_modes if "action_only" in order_modes else ["action_only", *order_modes]
+            key = f"{args.checkpoint.name if args.checkpoint else preset} ({order})"
+            runs[key] = [_mode_run(args, peer, env, work / f"policy_node_{preset}_{order}_{m}.log",
+                                   checkpoint=checkpoint, mode=m) for m in with_baseline]
+        if args.checkpoint:
+            break
+    return runs
+
+
+def _modes_summary(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
+    parts = []
+    for key, results in runs.items():
+        base = next((r["hz"] for r in results if r["mode"] == "action_only" and "hz" in r), None)
+        for r in results:
+            if "hz" in r and r["mode"] != "action_only" and base:
+                ok = "" if r["mode"] not in ("streaming", "async") else (
+                    " (meets" if r["hz"] / base >= MODE_GOAL else " (misses") + f" the {MODE_GOAL}x goal)"
+                parts.append(f"{key} {r['mode']} {r['hz']:.2f} Hz = {r['hz'] / base:.2f}x action_only{ok}, "
+                             f"{r['rationales']} rationales")
+    if not parts:
+        return ""
+    return (f" Control rate per rationale mode ({args.mode_hz:g} Hz asked, {args.camera_hz:g} Hz camera, "
+            f"{args.mode_seconds:g} s each after a warm-up, image_timeout_s {_mode_image_timeout(args):g}, "
+            f"rationale_every_n {args.mode_every_n}): "
+            + "; ".join(parts) + ".")
+
+
+def _mode_rows(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for key, results in runs.items():
+        base = next((r for r in results if r["mode"] == "action_only" and "hz" in r), None)
+        for r in results:
+            if "hz" not in r:
+                rows.append({"measure": f"{key}: {r['mode']}", "ros": float("nan"), "baseline": float("nan"),
+                             "ratio": float("nan"), "note": f"skipped: {r['skipped']}"})
+                continue
+            goal = f"; goal >= {MODE_GOAL}x" if r["mode"] in ("streaming", "async") else ""
+            per = f"a rationale every {r['moving'] / r['rationales']:.1f} steps" if r["rationales"] else "no rationale"
+            rows.append({
+                "measure": f"{key}: {r['mode']}: achieved control Hz ({args.mode_hz:g} Hz asked)",
+                "ros": r["hz"], "baseline": base["hz"] if base else float("nan"),
+                "ratio": r["hz"] / base["hz"] if base and base["hz"] else float("nan"),
+                "note": (f"baseline = action_only{goal}; action latency p50/p90 {r['latency_ms_p50']:.0f}/"
+                         f"{r['latency_ms_p90']:.0f} ms; {r['rationales']} rationales ({per}); rationale age p50/"
+                         f"p90/max {r['age_steps_p50']:.0f}/{r['age_steps_p90']:.0f}/{r['age_steps_max']:.0f} steps "
+                         f"({r['age_s_p50']:.2f}/{r['age_s_p90']:.2f} s); holds {r['holds'] or 'none'}")})
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # the same thread settings on both sides: without OMP_NUM_THREADS, CPU kernels use more threads than
     # torch.set_num_threads says (the tiny model's predict measured 2x slower here)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from refinevla_core.inference.policy import Policy, PolicyConfig
+    from refinevla_core.inference.config import PolicyConfig, RunnerConfig
+    from refinevla_core.inference.factory import make_policy
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="refinevla-bench-ros-"))
@@ -328,14 +481,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peer = _Peer(domain_id)
     try:
         for i, (name, checkpoint) in enumerate(models.items()):
-            policy = Policy.from_checkpoint(checkpoint, device=args.device, config=policy_config)
+            policy = make_policy(RunnerConfig(checkpoint=str(checkpoint), device=args.device, policy=policy_config))
             node = _NodeUnderTest(checkpoint, args, 0.0, env, work / f"policy_node_latency_{i}.log")
             try:
                 latency[name] = _latency_phase(args, policy, peer, node)
             finally:
                 node.stop()
         first_name, first_checkpoint = next(iter(models.items()))
-        policy = Policy.from_checkpoint(first_checkpoint, device=args.device, config=policy_config)
+        policy = make_policy(RunnerConfig(checkpoint=str(first_checkpoint), device=args.device,
+                                          policy=policy_config))
         node = _NodeUnderTest(first_checkpoint, args, args.control_hz, env, work / "policy_node_camera.log")
         try:
             if not peer.spin_until(lambda: node.proc.poll() is not None or "active: control" in node.output(), 120):
@@ -347,6 +501,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if args.soak_minutes > 0 else None)
         finally:
             node.stop()
+        mode_runs = _modes_phase(args, peer, env, work)
     finally:
         peer.close()
     bare_cpu = _bare_cpu_per_predict(policy, args)
@@ -373,6 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "baseline": soak["rss_start_mib"], "ratio": soak["rss_end_mib"] / soak["rss_start_mib"],
                       "note": f"peak {peak:.0f} MiB; decision age late/early {soak['age_late_ms']:.0f}/"
                               f"{soak['age_early_ms']:.0f} ms"})
+    table += _mode_rows(mode_runs, args)
     parts = []
     for name, lat in latency.items():
         bare_med, ros_med = statistics.median(lat["bare_ms"]), statistics.median(lat["ros_ms"])
@@ -396,7 +552,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     latency_ms = {name: {"ros": lat["ros_ms"], "bare": lat["bare_ms"], "node_predict": lat["node_predict_ms"]}
                   for name, lat in latency.items()}
-    return {"summary": summary, "table": table, "latency_ms": latency_ms,
+    summary += _modes_summary(mode_runs, args)
+    return {"summary": summary, "table": table, "latency_ms": latency_ms, "control_rate": mode_runs,
             "camera_phase": {k: v for k, v in cam.items() if k != "rss_samples"},
             "soak": soak, "args": {k: str(v) for k, v in vars(args).items()}}
 

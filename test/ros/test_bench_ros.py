@@ -29,7 +29,8 @@ def test_a_short_run_measures_both_sides():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     result = bench.run(parser.parse_args(["--presets", "tiny", "--frames", "6", "--rounds", "2",
-                                          "--camera-seconds", "4", "--camera-width", "160", "--camera-height", "120"]))
+                                          "--camera-seconds", "4", "--camera-width", "160", "--camera-height", "120",
+                                          "--modes", "action_only,async", "--mode-seconds", "4"]))
     rows = {row["measure"].split(",")[0]: row for row in result["table"]}
     latency = rows["tiny (random init): image -> EE delta"]
     assert latency["ros"] > 0 and latency["baseline"] > 0
@@ -38,3 +39,6 @@ def test_a_short_run_measures_both_sides():
     camera = result["camera_phase"]
     assert camera["images"] > 60 and camera["actions"] > 5 and camera["cores"] > 0
     assert "goal" in result["summary"]
+    (runs,) = result["control_rate"].values()  # async compared with action_only on the same checkpoint
+    assert [r["mode"] for r in runs] == ["action_only", "async"] and all(r["moving"] > 0 for r in runs)
+    assert "async" in result["summary"] and "x action_only" in result["summary"]
