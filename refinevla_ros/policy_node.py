@@ -3,10 +3,10 @@
 An instruction on /refinevla/instruction starts an episode; at `control_rate_hz` (0 = one step per new image) the
 node publishes the step (refinevla_ros/policy_outputs.py) and /diagnostics. Names and QoS: refinevla_ros/topics.py.
 
-The rules (episodes, stale / frozen / old-stamped images, holds, clipping, rationale ids, stats) live in the ROS-free
-PolicyRunner (refinevla_core.inference.runner); this node is wiring: lifecycle (configure loads the policy, activate
-starts control, deactivate publishes a zero step), `~/stop`, `~/enable`, and a worker thread for inference: camera
-callbacks keep only the newest image (serialized, latest wins), so services stay responsive while a model thinks.
+The rules (episodes, stale / frozen / old-stamped images, holds, guards, rationale ids, stats) live in the ROS-free
+PolicyRunner; this node is wiring: lifecycle (configure loads the policy, activate starts control, deactivate
+publishes a zero step), `~/stop`, `~/enable`, and a worker thread for inference (camera callbacks keep the newest
+image only, serialized), so services stay responsive while a model thinks.
 """
 
 from __future__ import annotations
@@ -153,6 +153,11 @@ class PolicyNode(LifecycleNode):
         if wait_s > 0:
             self.outputs.wait_for_acks(wait_s)
 
+    def finish(self) -> None:
+        """On the way out of the process: a final zero step (acknowledged) and no background rationale work left."""
+        self.halt("shutting down", wait_s=1.0)
+        self._release("finalized")
+
     def _release(self, state_label: str) -> None:
         self.state_label = state_label
         for sub in self._subs:
@@ -185,25 +190,21 @@ class PolicyNode(LifecycleNode):
         self.get_logger().info(f"new instruction, episode {episode}: {text!r}")
 
     def _on_stop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        self._disable("stopped by ~/stop")
+        self._set_enabled(False, "stopped by ~/stop")
         self.get_logger().warning("stopped by ~/stop: motion is zero until ~/enable is called with data: true")
         response.success, response.message = True, "stopped; call ~/enable with data: true to resume"
         return response
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
-        if request.data:
-            with self._publish_lock:
-                self.enabled = True
-        else:
-            self._disable("disabled by ~/enable")
+        self._set_enabled(bool(request.data), "disabled by ~/enable")
         self.get_logger().info("enabled" if request.data else "disabled: motion is zero")
         response.success, response.message = True, "enabled" if request.data else "disabled"
         return response
 
-    def _disable(self, reason: str) -> None:
+    def _set_enabled(self, enabled: bool, reason: str) -> None:
         with self._publish_lock:
-            self.enabled = False
-        if self.runner is not None:
+            self.enabled = enabled
+        if not enabled and self.runner is not None:
             self._publish(self.runner.hold(reason), force=True)
 
     def _control_loop(self) -> None:
@@ -292,8 +293,7 @@ class PolicyNode(LifecycleNode):
 
 
 def main(args: list[str] | None = None) -> int:
-    return run_node(PolicyNode, "policy_node", args=args, on_start=PolicyNode.autostart,
-                    on_exit=lambda node: node.halt("shutting down", wait_s=1.0))
+    return run_node(PolicyNode, "policy_node", args=args, on_start=PolicyNode.autostart, on_exit=PolicyNode.finish)
 
 
 if __name__ == "__main__":

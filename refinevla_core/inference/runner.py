@@ -285,26 +285,29 @@ class PolicyRunner:
             self._log("warning", message)
 
     def _advise(self, output: PolicyOutput, latency_ms: float) -> None:
-        """Once, after a few model steps: say which rationale mode keeps the control rate if this one does not."""
+        """Once, after a few model steps: say which rationale mode keeps the control rate if this one does not.
+        Inline rationales (every_step, every_n) stall control when their slowest steps exceed the period; the other
+        modes only when their typical (median) step does (an episode's first async step writes its rationale)."""
         if (self.config.control_rate_hz <= 0 or "advice" in self._once
                 or len(self.stats.latency_ms) < ADVICE_AFTER_STEPS):
             return
         period_ms = 1000.0 / self.config.control_rate_hz
-        slowest = max(self.stats.latency_ms)
-        if slowest <= period_ms:
+        mode = self.config.policy.rationale_mode
+        slowest, median = max(self.stats.latency_ms), statistics.median(self.stats.latency_ms)
+        inline = mode in ("every_step", "every_n")
+        if (slowest if inline else median) <= period_ms:
             return
         self._once.add("advice")
-        action_ms = output.timings_ms.get("action", latency_ms)
-        mode = self.config.policy.rationale_mode
-        head = (f"steps take up to {slowest:.0f} ms (median {statistics.median(self.stats.latency_ms):.0f} ms) "
-                f"against a {period_ms:.0f} ms control period ({self.config.control_rate_hz:g} Hz)")
-        if mode in ("every_step", "every_n"):
+        head = (f"steps take up to {slowest:.0f} ms (median {median:.0f} ms) against a {period_ms:.0f} ms control "
+                f"period ({self.config.control_rate_hz:g} Hz)")
+        if inline:
             self._log("warning", f"{head}: writing rationales inside the step stalls control. Set "
                                  "policy.rationale_mode:=async (rationale_then_action models) or streaming "
                                  "(action_then_rationale) to keep the rate, or action_only")
         else:
+            action_ms = output.timings_ms.get("action", latency_ms)
             self._log("warning", f"{head}; the action alone takes ~{action_ms:.0f} ms: lower control_rate_hz to "
-                                 f"{max(0.1, 1000.0 / (1.2 * slowest)):.1f} or use a faster device")
+                                 f"{max(0.1, 1000.0 / (1.2 * median)):.1f} or use a faster device")
 
     def diagnostics(self) -> dict[str, Any]:
         """Counters and timings as plain values (the node adds its lifecycle state)."""
