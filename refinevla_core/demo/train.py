@@ -40,7 +40,7 @@ def train_config(settings: TrainSettings, model: ModelSettings, dataset: Path, o
         "eval_every": settings.eval_every, "save_every": settings.save_every, "keep_checkpoints": 1,
         "lambda_rationale": model.lambda_rationale, "rationale_dropout": model.rationale_dropout,
         "target_order": model.target_order, "torch_threads": 1, "progress_bar": True, "resume": "auto",
-        "device": "cpu",
+        "device": "cpu", **model.extra,
     }
     return load_train_config(resolve_repo_path(settings.base_config), overrides)
 
@@ -53,8 +53,8 @@ def train_fingerprint_parts(settings: TrainSettings, model: ModelSettings) -> di
 
     config = yaml.safe_load(base.read_text()) or {} if base.is_file() else {}
     weights = refinevla_checkpoint_folder(settings.extra.get("base_checkpoint", config.get("base_checkpoint")))
-    return {"shared": shared, "model": {k: v for k, v in to_dict(model).items()
-                                        if k not in ("description", "eval_rationale_mode")},
+    return {"shared": shared, "model": {k: v for k, v in to_dict(model).items()  # an empty `extra` adds nothing
+                                        if k not in ("description", "eval_rationale_mode") and v != {}},
             "base_config": base.read_text() if base.is_file() else str(base),
             "base_weights": checkpoint_fingerprint(weights) if weights else None}
 

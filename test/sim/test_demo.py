@@ -62,7 +62,7 @@ def test_report_json_holds_what_was_measured(quick_run):
     out, _ = quick_run
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["mode"] == "quick" and report["claims"] is False
-    assert set(report["models"]) == {"baseline", "refinevla_cot", "refinevla_aux"}
+    assert set(report["models"]) == {"baseline", "refinevla_cot", "refinevla_aux", "full_finetune"}
     for name, m in report["models"].items():
         assert m["trials"] == 1 and m["successes"] in (0, 1), name
         assert 0.0 <= m["wilson95"][0] <= m["wilson95"][1] <= 1.0
