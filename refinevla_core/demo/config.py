@@ -51,7 +51,7 @@ class ModelSettings:
     rationale_dropout: float = 0.2  # 1.0: never shown a rationale (the clean λ_r = 0 baseline)
     target_order: Literal["rationale_then_action", "action_then_rationale"] = "rationale_then_action"
     eval_rationale_mode: RationaleMode = "every_n"  # how policy_node runs it in the closed-loop evaluation
-    extra: dict[str, Any] = field(default_factory=dict)  # this model's own TrainConfig keys, e.g. {freeze.vision: false}
+    extra: dict[str, Any] = field(default_factory=dict)  # this model's own TrainConfig keys: {freeze.vision: false}
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
