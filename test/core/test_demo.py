@@ -26,7 +26,11 @@ def test_quick_is_full_with_the_listed_differences():
     assert (quick.collect.task, quick.collect.image_size) == (full.collect.task, full.collect.image_size)
     orders = {m.target_order for m in full.train.models if m.has_rationale}
     assert orders == {"rationale_then_action", "action_then_rationale"}
-    assert [m.lambda_rationale for m in full.train.models if not m.has_rationale] == [0.0]
+    # the λ_r = 0 baseline, and the full fine-tune of the same base (what selective transfer costs or saves)
+    assert [m.lambda_rationale for m in full.train.models if not m.has_rationale] == [0.0, 0.0]
+    assert [m.extra for m in full.train.models if m.extra] == [{"freeze.vision": False, "freeze.projector": False,
+                                                                 "freeze.embeddings": False,
+                                                                 "freeze.language_layers": 0}]
 
 
 def test_overrides_and_their_errors():
