@@ -70,16 +70,14 @@ def policy_factory(args: argparse.Namespace) -> tuple[str, Callable[[Callable[[]
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
-    """'package.module:callable' -> the callable (as policy_node's policy_factory parameter)."""
-    import importlib
+    """'package.module:callable' -> the callable (as policy_node's policy_factory parameter); ValueError naming
+    --policy-factory when it cannot be loaded."""
+    from refinevla_core.inference.factory import PolicyLoadError, load_callable
 
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--policy-factory {spec!r} must look like 'package.module:callable'")
     try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--policy-factory {spec!r} cannot be imported: {e}") from e
+        return load_callable(spec, "--policy-factory")
+    except PolicyLoadError as e:
+        raise ValueError(str(e)) from e
 
 
 def policy_node_params(args: argparse.Namespace) -> dict[str, Any]:
