@@ -131,25 +131,10 @@ def save_checkpoint(  # noqa: PLR0917 (the positional order is the API the train
         (tmp / REFINEVLA_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
         for name, content in (extra_files or {}).items():
             _write_extra(tmp, name, content)
-        files = {
-            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
+        files = checkpoint_files(tmp)
         if not any(name.endswith(".safetensors") for name in files):
             raise CheckpointError("the model wrote no .safetensors file; refusing a pickle-only checkpoint")
-        manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "files": files}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-        for p in [*tmp.rglob("*"), tmp]:
-            if p.is_file():
-                with p.open("rb") as f:
-                    os.fsync(f.fileno())
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.replace(old)
-        tmp.replace(directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        seal_checkpoint(tmp, directory, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "files": files})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,6 +163,33 @@ def save_tied_weights_quietly(accelerator: Any) -> None:
         weights.clear()  # written above: accelerate saves the optimizer, scheduler and RNG states only
 
     accelerator.register_save_state_pre_hook(save_models)
+
+
+def checkpoint_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a folder being saved: relative name -> size and sha256 (the manifest's `files`)."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def swap_folder(tmp: Path, target: Path) -> None:
+    """Put the complete folder `tmp` at `target` by renames, so a reader sees the old or the new one, never half."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.replace(old)
+    tmp.replace(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def seal_checkpoint(tmp: Path, directory: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest last, fsync every file, then swap `tmp` in as `directory` (both model families)."""
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    swap_folder(tmp, directory)
 
 
 def verify_checkpoint(directory: str | Path, verify: Verify = "auto") -> dict[str, Any]:

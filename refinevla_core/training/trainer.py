@@ -712,13 +712,9 @@ def _replace_dir(source: Path, target: Path) -> None:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.replace(old)
-    tmp.replace(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from refinevla_core.model.checkpoint import swap_folder
+
+    swap_folder(tmp, target)
 
 
 def plot_loss_curve(train: list[dict[str, Any]], val: list[dict[str, Any]], path: Path, title: str = "") -> None:

@@ -12,7 +12,6 @@ Written to a temp folder and renamed into place, so a killed save never leaves a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,8 +26,9 @@ from refinevla_core.model.checkpoint import (
     CHECKPOINT_VERSION,
     MANIFEST_NAME,
     CheckpointError,
-    _sha256,
     _write_extra,
+    checkpoint_files,
+    seal_checkpoint,
     verify_checkpoint,
 )
 from refinevla_core.model.pi0.configuration_pi0 import PI0_CONFIG_NAME, RefineVLAPi0Config
@@ -61,21 +61,8 @@ def save_pi0_checkpoint(  # noqa: PLR0917 (save_checkpoint's positional order)
             if name == PI0_CONFIG_NAME:
                 raise CheckpointError(f"extra file name {name!r} would overwrite a checkpoint file")
             _write_extra(tmp, name, content)
-        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "family": "pi0", "files": files}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with p.open("rb") as f:
-                    os.fsync(f.fileno())
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.replace(old)
-        tmp.replace(directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        seal_checkpoint(tmp, directory, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                                         "family": "pi0", "files": checkpoint_files(tmp)})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
