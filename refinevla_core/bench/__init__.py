@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from refinevla_core.io import atomic_write_text
+
 BENCHMARKS: dict[str, tuple[str, int]] = {
     # name: (module, issue that builds it)
     "annotate": ("refinevla_core.bench.annotate", 4),
@@ -105,9 +107,7 @@ def write_result(name: str, result: dict[str, Any], out_dir: Path) -> tuple[Path
     texts = {".json": json.dumps(payload, indent=2, default=str), ".md": _markdown(name, result, machine)}
     for suffix, text in texts.items():
         path = out_dir / f"{name}{suffix}"
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
+        atomic_write_text(path, text + "\n")
         paths.append(path)
     return paths[0], paths[1]
 

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from refinevla_core.data.episode import ACTION_DIM, ACTION_NAMES, DataError
-from refinevla_core.data.episode_dataset import EpisodeDataset, atomic_write_json
+from refinevla_core.data.episode_dataset import EpisodeDataset
+from refinevla_core.io import atomic_write_json
 
 STATS_FILENAME = "stats.json"
 STATS_FORMAT = "refinevla-action-stats"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from refinevla_core.data.episode_dataset import EpisodeDataset
-from refinevla_core.data.episode_dataset import atomic_write_json as write_json
+from refinevla_core.io import atomic_write_json as write_json
 
 BATCH = 8
 _PHASE = re.compile(r"phase: (\w+)")  # "phase: push, ..." (sim teacher v2; v1 wrote "Current phase: push")

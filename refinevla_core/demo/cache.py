@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refinevla_core.data.episode_dataset import atomic_write_json
+from refinevla_core.io import atomic_write_json
 
 MARKER_DIR = "stages"
 
