@@ -60,8 +60,8 @@ def gather_full_state_dict(accelerator: Any, model: Any) -> dict[str, Any] | Non
 def save_from_full_state(trainer: Any, directory: Path, state: dict[str, Any]) -> None:
     """Main process: load the gathered weights into a fresh model frozen like the run's, and write the checkpoint."""
     from refinevla_core.model.checkpoint import save_checkpoint
+    from refinevla_core.training.build import build_model, new_token_ids
     from refinevla_core.training.freezing import apply_selective_transfer, export_for_saving
-    from refinevla_core.training.trainer import build_model, new_token_ids
 
     cfg = trainer.config
     fresh = build_model(cfg)
@@ -78,7 +78,7 @@ def save_from_full_state(trainer: Any, directory: Path, state: dict[str, Any]) -
                            f"{unexpected[:5]}")
     with export_for_saving(fresh.vlm) as plain:
         save_checkpoint(directory, plain, fresh.processor, trainer.stats, fresh.refinevla_config,
-                        extra_files=trainer._extra_files())
+                        extra_files=trainer.checkpoint_extra_files())
 
 
 def _tied_names(model: Any) -> set[str]:

@@ -93,13 +93,13 @@ def test_lora_under_fsdp_and_deepspeed_are_refused_with_the_alternative_named():
     from accelerate.utils import DistributedType
 
     from refinevla_core.config import ConfigError
+    from refinevla_core.training.build import check_distributed_type
     from refinevla_core.training.fsdp import prepare_fsdp
-    from refinevla_core.training.trainer import _check_distributed_type
 
     lora = SimpleNamespace(lora=SimpleNamespace(enabled=True))
     with pytest.raises(ConfigError, match=r"lora\.enabled is not supported with FSDP"):
         prepare_fsdp(SimpleNamespace(distributed_type=DistributedType.FSDP, mixed_precision="no"), lora)
     for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
-        _check_distributed_type(SimpleNamespace(distributed_type=kind))
+        check_distributed_type(SimpleNamespace(distributed_type=kind))
     with pytest.raises(ConfigError, match=r"not supported .*accelerate_fsdp\.yaml"):
-        _check_distributed_type(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+        check_distributed_type(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))

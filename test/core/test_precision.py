@@ -47,7 +47,7 @@ def config(setup: dict[str, Path], out: Path, *, bf16: bool, steps: int = 1):
 
 def first_step_changes(trainer: Trainer) -> tuple[int, int, int]:
     """(elements that must change, of those the ones that did, of those the ones bf16 weights could represent)."""
-    trainer._setup()
+    trainer.setup()
     vlm = trainer.refinevla.vlm
     params = {n: p for n, p in vlm.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in params.items()}
@@ -57,7 +57,7 @@ def first_step_changes(trainer: Trainer) -> tuple[int, int, int]:
         grads.update({n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None})
 
     trainer.optimizer.optimizer.register_step_pre_hook(grab)
-    trainer._train_step(trainer._batches())
+    trainer.train_step(trainer.batches())
     must = changed = representable_in_bf16 = 0
     for name, p in params.items():
         # Adam's first step is lr * g / (|g| + 1e-8): ~lr wherever |g| >> 1e-8; it must then move the element when lr

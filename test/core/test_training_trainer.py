@@ -273,7 +273,7 @@ def test_a_checkpoint_save_warns_about_nothing_and_resumes_the_same_weights(smal
     saved = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
 
     resumed = Trainer(config_for(small_dataset, out, max_steps=3, save_every=1), log=quiet)
-    resumed._setup()  # builds a fresh model and loads the newest trainer state into it
+    resumed.setup()  # builds a fresh model and loads the newest trainer state into it
     assert resumed.resume_from == out / "checkpoints" / "step-00000002"
     model = resumed.accelerator.unwrap_model(resumed.model)
     loaded = dict(model.named_parameters())
@@ -409,13 +409,13 @@ def test_sharded_training_is_refused_with_the_alternative_named():
 
     from accelerate.utils import DistributedType
 
-    from refinevla_core.training.trainer import _check_distributed_type
+    from refinevla_core.training.build import check_distributed_type
 
     for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        _check_distributed_type(SimpleNamespace(distributed_type=kind))
+        check_distributed_type(SimpleNamespace(distributed_type=kind))
     for kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):  # FSDP is supported: test_fsdp.py
         with pytest.raises(ConfigError, match=r"not supported .*accelerate launch --multi_gpu"):
-            _check_distributed_type(SimpleNamespace(distributed_type=kind))
+            check_distributed_type(SimpleNamespace(distributed_type=kind))
 
 
 def test_stage_two_continues_from_a_previous_run_with_another_target_order(small_dataset, tmp_path):
