@@ -32,6 +32,7 @@ import torch
 
 from refinevla_core.data.episode import DataError
 from refinevla_core.data.stats import STATS_FILENAME, ActionStats
+from refinevla_core.io import swap_folder
 from refinevla_core.model.configuration_refinevla import REFINEVLA_CONFIG_NAME, RefineVLAConfig
 
 MANIFEST_NAME = "refinevla_checkpoint.json"
@@ -169,17 +170,6 @@ def checkpoint_files(folder: Path) -> dict[str, dict[str, Any]]:
     """Every file of a folder being saved: relative name -> size and sha256 (the manifest's `files`)."""
     return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def swap_folder(tmp: Path, target: Path) -> None:
-    """Put the complete folder `tmp` at `target` by renames, so a reader sees the old or the new one, never half."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.replace(old)
-    tmp.replace(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def seal_checkpoint(tmp: Path, directory: Path, manifest: dict[str, Any]) -> None:
