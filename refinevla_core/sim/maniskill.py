@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from refinevla_core.sim.backend import SimBackend, SimError, SimObservation, StepResult, validate_action
 from refinevla_core.sim.check import VULKAN_HELP
 from refinevla_core.sim.config import SimConfig
 from refinevla_core.sim.instructions import instruction_for
+from refinevla_core.sim.interface import SimBackend, SimError, SimObservation, StepResult, validate_action
 
 POS_SCALE_M = 0.1  # pd_ee_delta_pose: pos_lower/upper = -/+0.1
 ROT_SCALE_RAD = -0.1  # ManiSkill 3.0.1 multiplies the normalised rotation by rot_lower (-0.1); probed at runtime

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from refinevla_core.sim.backend import SimBackend, SimError, SimObservation, StepResult, validate_action
 from refinevla_core.sim.config import SimConfig
+from refinevla_core.sim.interface import SimBackend, SimError, SimObservation, StepResult, validate_action
+from refinevla_core.sim.maniskill import rpy_to_matrix
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,6 @@ def import_simpler_env() -> Any:
 
 def euler_to_axis_angle(roll: float, pitch: float, yaw: float) -> np.ndarray:
     """Bridge roll-pitch-yaw (R = Rz Ry Rx) -> axis * angle vector, as transforms3d.euler.euler2axangle does."""
-    from refinevla_core.sim.maniskill import rpy_to_matrix
-
     m = rpy_to_matrix(roll, pitch, yaw)
     angle = float(np.arccos(np.clip((np.trace(m) - 1.0) / 2.0, -1.0, 1.0)))
     if angle < 1e-9:

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from refinevla_core.config import ConfigError, to_dict
-from refinevla_core.data.episode_dataset import atomic_write_json
-from refinevla_core.model.checkpoint import swap_folder
+from refinevla_core.io import atomic_write_json, fsync_folder, swap_folder
 from refinevla_core.training.config import RESUME_CRITICAL_KEYS, TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -123,7 +122,7 @@ def finish_checkpoint(tmp: Path, final: Path, config: TrainConfig, progress: Pro
     if final.exists():
         shutil.rmtree(final)
     tmp.replace(final)
-    fsync_dir(final.parent)
+    fsync_folder(final.parent)
     for old in list_checkpoints(output_dir)[: -config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -137,17 +136,6 @@ def save_adapter(peft_model: Any, directory: Path) -> None:
     rows = {n: p.detach().cpu().contiguous() for n, p in peft_model.named_parameters() if n.endswith(".rows")}
     if rows:
         save_file(rows, str(directory / "new_token_rows.safetensors"))
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def replace_dir(source: Path, target: Path) -> None:

@@ -39,8 +39,9 @@ import torch
 
 from refinevla_core.config import ConfigError, save_config, to_dict
 from refinevla_core.data.episode import DataError
-from refinevla_core.data.episode_dataset import EpisodeDataset, atomic_write_json
+from refinevla_core.data.episode_dataset import EpisodeDataset
 from refinevla_core.data.stats import load_dataset_stats
+from refinevla_core.io import atomic_write_json
 from refinevla_core.model.checkpoint import save_checkpoint as save_model_checkpoint
 from refinevla_core.model.checkpoint import save_tied_weights_quietly
 from refinevla_core.training import fsdp
