@@ -14,10 +14,12 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from refinevla_core.data.episode_dataset import EpisodeDataset
 
@@ -110,8 +112,6 @@ ATTENTION_CMAP = "jet"  # AttentionMap.overlay's default
 
 
 def plot_attention_grid(frames: list[np.ndarray], overlays: dict[str, list[Path]], path: Path) -> Path:
-    from PIL import Image
-
     plt = _plt()
     cols = 1 + len(overlays)
     fig, axes = plt.subplots(len(frames), cols, figsize=(2.4 * cols, 2.5 * len(frames)), dpi=100, squeeze=False)
@@ -204,34 +204,171 @@ def diagnostic_claims(analyses: dict[str, dict[str, Any]], claims: bool) -> list
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Table:
+    """A header and its rows, rendered alike in the HTML page and in report.md."""
+
+    head: list[str]
+    rows: list[list[Any]]
+
+    def html(self) -> str:
+        return _table(self.head, self.rows)
+
+    def markdown(self) -> list[str]:
+        return _md_table(self.head, self.rows)
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """The stages' results as run_demo hands them over (`context`), unpacked once for every part of the report."""
+
+    context: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.context["config"]
+
+    @property
+    def model_settings(self) -> dict[str, dict[str, Any]]:
+        return {m["name"]: m for m in self.config["train"]["models"]}
+
+    @property
+    def claims(self) -> bool:
+        return bool(self.config["claims"])
+
+    @property
+    def train(self) -> dict[str, dict[str, Any]]:
+        return self.context["train"]
+
+    @property
+    def evals(self) -> dict[str, dict[str, Any]]:
+        return self.context["eval"]["models"]
+
+    @property
+    def references(self) -> dict[str, dict[str, Any]]:
+        return self.context["eval"].get("references") or {}
+
+    @property
+    def base(self) -> dict[str, Any] | None:
+        """The pretrained base evaluated through the same lanes, when the run has one."""
+        return self.context["eval"].get("base")
+
+    @property
+    def analyses(self) -> dict[str, dict[str, Any]]:
+        return self.context["analysis"]
+
+    @property
+    def first_analysis(self) -> dict[str, Any]:
+        """Every model was analysed on the same example frames: the first model's entry names them."""
+        return next(iter(self.analyses.values()))
+
+    @property
+    def max_rationale_tokens(self) -> int:
+        return int(self.config["train"]["max_rationale_tokens"])
+
+    def success_rows(self) -> list[tuple[str, dict[str, Any]]]:
+        """The models in config order, then the pretrained base and the in-process references."""
+        base = self.base
+        return [(n, self.evals[n]) for n in self.model_settings if n in self.evals] + (
+            [("pretrained base alone (reference)", base)] if base else []) + [
+            (f"{k} (reference)", v) for k, v in self.references.items()]
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """Wall and CPU time of the stages before the report, against the budget and the cores of the machine."""
+
+    total_seconds: float
+    total_cpu_seconds: float
+    cores: int
+    budget_s: float
+
+    @classmethod
+    def of(cls, run: RunResults) -> StageTiming:
+        stages, machine = run.context["stages"], run.context["machine"]
+        return cls(total_seconds=sum(s["seconds"] for s in stages),
+                   total_cpu_seconds=sum(s.get("cpu_seconds", 0.0) for s in stages),
+                   cores=int(machine.get("cpu_affinity") or machine.get("cpu_count") or 1),
+                   budget_s=float(run.config["time_budget_s"]))
+
+    def text(self, load: list[float] | None, machine: dict[str, Any]) -> str:
+        total_s, total_cpu = self.total_seconds, self.total_cpu_seconds
+        return (f"Wall time of the stages before this report: {total_s / 60:.1f} min (budget "
+                f"{self.budget_s / 60:.0f} min); CPU time of all its processes: {total_cpu / 60:.1f} core-min, i.e. "
+                f"at least {total_cpu / self.cores / 60:.1f} min on {self.cores} idle cores. Load average "
+                f"(1/5/15 min) at start {load[:3] if load else '?'} and end {load[3:] if load else '?'} (other work "
+                f"on the machine stretches the wall time); {machine.get('cpu')}, {machine.get('cpu_count')} CPUs.")
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """Everything the report says, computed once and written three ways (HTML, Markdown, JSON)."""
+
+    timing: StageTiming
+    timing_text: str
+    stages: Table
+    training: Table
+    success: Table
+    diagnostic: Table
+    rationale_stats: Table
+    latency: Table
+    loop_rationales: Table
+    success_text: list[str]
+    diagnostic_text: list[str]
+    limits: list[str]
+
+    @classmethod
+    def of(cls, run: RunResults) -> ReportContent:
+        timing = StageTiming.of(run)
+        return cls(timing=timing, timing_text=timing.text(run.context.get("load_average"), run.context["machine"]),
+                   stages=stage_table(run.context["stages"]), training=training_table(run),
+                   success=success_table(run.success_rows()), diagnostic=diagnostic_table(run.analyses),
+                   rationale_stats=rationale_stats_table(run), latency=latency_table(run),
+                   loop_rationales=loop_rationales_table(run.evals),
+                   success_text=success_claims(run.evals, run.references, run.claims, run.base),
+                   diagnostic_text=diagnostic_claims(run.analyses, run.claims), limits=limits_of_run(run))
+
+
 def write_report(out: Path, context: dict[str, Any]) -> dict[str, Any]:
     """Write <out>/index.html, report.json, report.md and the PNGs from the stages' results (`context`)."""
     out.mkdir(parents=True, exist_ok=True)
-    config = context["config"]
-    models_cfg = {m["name"]: m for m in config["train"]["models"]}
-    train, evals = context["train"], context["eval"]["models"]
-    references = context["eval"].get("references") or {}
-    analyses = context["analysis"]
-    claims = bool(config["claims"])
+    run = RunResults(context)
+    pngs = write_figures(out, run)
+    content = ReportContent.of(run)
+    payload = report_payload(run, content)
+    (out / "report.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (out / "index.html").write_text(html_page(run, content))
+    (out / "report.md").write_text(markdown_page(run, content, payload["time"]))
+    return {"html": str(out / "index.html"), "json": str(out / "report.json"), "md": str(out / "report.md"),
+            "pngs": [str(p) for p in pngs]}
 
-    losses_png = plot_losses(train, out / "losses.png")
-    base = context["eval"].get("base")
-    success_rows = [(n, evals[n]) for n in models_cfg if n in evals] + (
-        [("pretrained base alone (reference)", base)] if base else []) + [
-        (f"{k} (reference)", v) for k, v in references.items()]
-    success_png = plot_success(success_rows, out / "success.png")
 
-    # example frames (the same validation frames for every model) and attention overlays
-    ds = EpisodeDataset(context["dataset"])
-    first = next(iter(analyses.values()))
+# ---- figures of a run --------------------------------------------------------------------------------------------
+def write_figures(out: Path, run: RunResults) -> tuple[Path, Path, Path]:
+    """The three figures of the page, plus the example frames, attention overlays and per-model loss curves they
+    link to; returns (losses, success, attention) PNGs."""
+    losses_png = plot_losses(run.train, out / "losses.png")
+    success_png = plot_success(run.success_rows(), out / "success.png")
+    frames = save_example_frames(out, run.context["dataset"], run.first_analysis["examples"])
+    attention_png = plot_attention_grid(frames, copy_attention_overlays(out, run.analyses), out / "attention.png")
+    copy_loss_curves(out, run.train)
+    return losses_png, success_png, attention_png
+
+
+def save_example_frames(out: Path, dataset: str | Path, examples: list[dict[str, Any]]) -> list[np.ndarray]:
+    """The example frames (the same validation frames for every model), saved 3x enlarged as example_<k>.png."""
+    ds = EpisodeDataset(dataset)
     frames = []
-    for k, ex in enumerate(first["examples"]):
+    for k, ex in enumerate(examples):
         image = ds.load_episode(ex["episode"]).images[ex["frame"]]
         frames.append(image)
-        from PIL import Image
-
         Image.fromarray(image).resize((image.shape[1] * 3, image.shape[0] * 3), Image.NEAREST).save(
             out / f"example_{k}.png")
+    return frames
+
+
+def copy_attention_overlays(out: Path, analyses: dict[str, dict[str, Any]]) -> dict[str, list[Path]]:
+    """Each model's attention overlay per example frame, copied to attention/<model>_<k>.png."""
     overlays: dict[str, list[Path]] = {}
     for name, a in analyses.items():
         overlays[name] = []
@@ -240,209 +377,260 @@ def write_report(out: Path, context: dict[str, Any]) -> dict[str, Any]:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ex["attention_png"], target)
             overlays[name].append(target)
-    attention_png = plot_attention_grid(frames, overlays, out / "attention.png")
+    return overlays
 
+
+def copy_loss_curves(out: Path, train: dict[str, dict[str, Any]]) -> None:
+    """The trainer's own loss curve per model (the page links them), where the trainer drew one."""
     for name, info in train.items():
         if Path(info["loss_curve"]).is_file():
             shutil.copyfile(info["loss_curve"], out / f"loss_curve_{name}.png")
 
-    stage_rows = [[s["name"], round(s["seconds"], 1), round(s.get("cpu_seconds", 0.0), 1),
-                   "cached (skipped)" if s["cached"] else "ran"] for s in context["stages"]]
-    total_s = sum(s["seconds"] for s in context["stages"])
-    total_cpu = sum(s.get("cpu_seconds", 0.0) for s in context["stages"])
-    cores = int(context["machine"].get("cpu_affinity") or context["machine"].get("cpu_count") or 1)
-    budget = float(config["time_budget_s"])
 
-    # ---- tables --------------------------------------------------------------------------------------------
-    train_rows = []
-    for name, info in train.items():
+# ---- tables ------------------------------------------------------------------------------------------------------
+def stage_table(stages: list[dict[str, Any]]) -> Table:
+    return Table(["stage", "wall seconds", "CPU seconds (all processes)", "this run"],
+                 [[s["name"], round(s["seconds"], 1), round(s.get("cpu_seconds", 0.0), 1),
+                   "cached (skipped)" if s["cached"] else "ran"] for s in stages])
+
+
+def training_table(run: RunResults) -> Table:
+    """Per model: its loss settings, the last training losses and the validation errors the trainer measured."""
+    settings, rows = run.model_settings, []
+    for name, info in run.train.items():
         last, val = info["last_train"], info["last_val"]
-        train_rows.append([name, models_cfg[name]["lambda_rationale"], info["target_order"],
-                           models_cfg[name]["rationale_dropout"], info["steps"], round(info["train_seconds"] or 0, 1),
-                           last.get("loss_action"), last.get("loss_rationale"), val.get("action_l1_xyz"),
-                           val.get("action_l1_xyz_mean_action"), val.get("action_l1_xyz_teacher_forced"),
-                           val.get("rationale_token_accuracy") if _trains_rationale(models_cfg[name]) else None])
-    train_head = ["model", "λ_r", "target order", "rationale dropout", "steps", "train s", "last L_action",
-                  "last L_rationale", "val xyz L1 (as the policy decodes, no rationale)", "val xyz L1 of the mean "
-                  "action", "val xyz L1 (teacher-forced)", "val rationale token acc"]
-    success_head = ["policy", "how it ran", "success (Wilson 95 %)", "solved at last step", "mean steps"]
-    success_table = [[n, r["via"] + (f", rationale mode {r['rationale_mode']}" if "rationale_mode" in r else "")
-                      + (f"; in {r['isolation']}" if r.get("isolation") else ""),
-                      r["text"], r.get("final_successes", "–"), r["mean_steps"]] for n, r in success_rows]
-    diag_head = ["model", "order", "frames", "L1 no rationale", "L1 own rationale", "L1 teacher's rationale fed",
-                 "L1 mean action", "xyz: no / own / teacher / mean"]
-    diag_rows = []
-    for name, a in analyses.items():
-        d = a["diagnostic"]
+        rows.append([name, settings[name]["lambda_rationale"], info["target_order"],
+                     settings[name]["rationale_dropout"], info["steps"], round(info["train_seconds"] or 0, 1),
+                     last.get("loss_action"), last.get("loss_rationale"), val.get("action_l1_xyz"),
+                     val.get("action_l1_xyz_mean_action"), val.get("action_l1_xyz_teacher_forced"),
+                     val.get("rationale_token_accuracy") if _trains_rationale(settings[name]) else None])
+    head = ["model", "λ_r", "target order", "rationale dropout", "steps", "train s", "last L_action",
+            "last L_rationale", "val xyz L1 (as the policy decodes, no rationale)", "val xyz L1 of the mean "
+            "action", "val xyz L1 (teacher-forced)", "val rationale token acc"]
+    return Table(head, rows)
 
-        def l1(key: str, field: str = "l1", d: dict[str, Any] = d) -> Any:
-            return d[key][field] if key in d else None
 
-        own = l1("generated") if a["target_order"] == "rationale_then_action" else (
-            "= no rationale (action comes first)" if "generated" in d else None)
-        teacher = l1("teacher") if "teacher" in d else (
-            "n/a (action comes first)" if a["has_rationale"] else "n/a (no rationale trained)")
-        xyz = " / ".join(_fmt(l1(k, "l1_xyz"), 4) for k in ("action_only", "generated", "teacher", "mean_action"))
-        diag_rows.append([name, a["target_order"], d["frames"], l1("action_only"), own, teacher, l1("mean_action"),
-                          xyz])
-    latency_head = ["model", "where", "mode", "steps", "mean ms", "median ms", "p90 ms", "× action-only"]
-    latency_rows = []
-    for name, a in analyses.items():
-        for r in a["latency"]:
-            latency_rows.append([name, "Policy in-process", r["mode"], r["steps"], r["mean_ms"], r["median_ms"],
-                                 r["p90_ms"], r["ratio_vs_action_only"]])
-    for name, e in evals.items():
-        lat = e["policy_node_latency_ms"]
-        if lat:
-            latency_rows.append([name, "policy_node, closed loop", f"{e['rationale_mode']} (all steps)", lat["n"],
-                                 lat["mean"], lat["p50"], lat["p90"], None])
-        if e.get("fresh_rationale_step_ms"):
-            f = e["fresh_rationale_step_ms"]
-            latency_rows.append([name, "policy_node, closed loop", "steps with a fresh rationale", f["n"], f["mean"],
-                                 f["p50"], f["p90"], None])
+def success_table(success_rows: list[tuple[str, dict[str, Any]]]) -> Table:
+    return Table(["policy", "how it ran", "success (Wilson 95 %)", "solved at last step", "mean steps"],
+                 [[n, _how_it_ran(r), r["text"], r.get("final_successes", "–"), r["mean_steps"]]
+                  for n, r in success_rows])
 
-    success_text = success_claims(evals, references, claims, base)
-    diag_text = diagnostic_claims(analyses, claims)
-    rationale_stats = []
-    for name, a in analyses.items():
+
+def _how_it_ran(result: dict[str, Any]) -> str:
+    return (result["via"] + (f", rationale mode {result['rationale_mode']}" if "rationale_mode" in result else "")
+            + (f"; in {result['isolation']}" if result.get("isolation") else ""))
+
+
+def diagnostic_table(analyses: dict[str, dict[str, Any]]) -> Table:
+    """Action L1 without a rationale, after the model's own, with the teacher's fed in, and of the mean action."""
+    head = ["model", "order", "frames", "L1 no rationale", "L1 own rationale", "L1 teacher's rationale fed",
+            "L1 mean action", "xyz: no / own / teacher / mean"]
+    return Table(head, [_diagnostic_row(name, a) for name, a in analyses.items()])
+
+
+def _diagnostic_row(name: str, analysis: dict[str, Any]) -> list[Any]:
+    d = analysis["diagnostic"]
+
+    def l1(key: str, field: str = "l1") -> Any:
+        return d[key][field] if key in d else None
+
+    own = l1("generated") if analysis["target_order"] == "rationale_then_action" else (
+        "= no rationale (action comes first)" if "generated" in d else None)
+    teacher = l1("teacher") if "teacher" in d else (
+        "n/a (action comes first)" if analysis["has_rationale"] else "n/a (no rationale trained)")
+    xyz = " / ".join(_fmt(l1(k, "l1_xyz"), 4) for k in ("action_only", "generated", "teacher", "mean_action"))
+    return [name, analysis["target_order"], d["frames"], l1("action_only"), own, teacher, l1("mean_action"), xyz]
+
+
+def rationale_stats_table(run: RunResults) -> Table:
+    """How the generated rationales compare with the teacher's, per model that generates one."""
+    rows = []
+    for name, a in run.analyses.items():
         r = a["diagnostic"].get("rationales")
         if r:
-            rationale_stats.append([name, r["frames"], r.get("parse_rate"),
-                                    (evals.get(name) or {}).get("rationale_parse_rate"), r["distinct_generated"],
-                                    r["most_common_share"], r["phase_agreement"], r.get("phase_base_rate"),
-                                    r["exact_match_teacher_target"]])
-    mrt = int(config["train"]["max_rationale_tokens"])
-    limits = [
-        f"Models: the tiny preset (~{first['parameters'] / 1e6:.1f} M parameters). Stage 1 (models/tiny-base, "
-        "built by models/build_tiny_base.sh) pretrained it action-only on the project's own multi-task ManiSkill3 "
-        "demonstrations; the demo's models are its stage-2 fine-tunes with selective transfer for "
-        f"{config['train']['max_steps']} optimizer steps each on 2 CPU cores. The paper fine-tunes a 3B VLA: "
+            rows.append([name, r["frames"], r.get("parse_rate"),
+                         (run.evals.get(name) or {}).get("rationale_parse_rate"), r["distinct_generated"],
+                         r["most_common_share"], r["phase_agreement"], r.get("phase_base_rate"),
+                         r["exact_match_teacher_target"]])
+    head = ["model", "frames", "parse into four sections", "parse rate, closed loop (policy_node)",
+            "distinct generated", "share of the most common",
+            "phase agrees with teacher",
+            "agreement of always the commonest phase", "exact match of the trained text"]
+    return Table(head, rows)
+
+
+def latency_table(run: RunResults) -> Table:
+    """In-process latency per rationale mode, then policy_node's measured in the closed loop."""
+    rows = []
+    for name, a in run.analyses.items():
+        for r in a["latency"]:
+            rows.append([name, "Policy in-process", r["mode"], r["steps"], r["mean_ms"], r["median_ms"],
+                         r["p90_ms"], r["ratio_vs_action_only"]])
+    for name, e in run.evals.items():
+        lat = e["policy_node_latency_ms"]
+        if lat:
+            rows.append([name, "policy_node, closed loop", f"{e['rationale_mode']} (all steps)", lat["n"],
+                         lat["mean"], lat["p50"], lat["p90"], None])
+        if e.get("fresh_rationale_step_ms"):
+            f = e["fresh_rationale_step_ms"]
+            rows.append([name, "policy_node, closed loop", "steps with a fresh rationale", f["n"], f["mean"],
+                         f["p50"], f["p90"], None])
+    return Table(["model", "where", "mode", "steps", "mean ms", "median ms", "p90 ms", "× action-only"], rows)
+
+
+def loop_rationales_table(evals: dict[str, dict[str, Any]]) -> Table:
+    """Up to two rationales per model that policy_node published during the closed-loop episodes."""
+    return Table(["model", "seed", "step", "rationale"],
+                 [[name, x["seed"], x["step"], x["text"]] for name, e in evals.items()
+                  for x in e.get("rationale_examples", [])[:2]])
+
+
+def limits_of_run(run: RunResults) -> list[str]:
+    """What this run does not show, with its own model size, step count and rationale length."""
+    config = run.config
+    return [
+        f"Models: the tiny preset (~{run.first_analysis['parameters'] / 1e6:.1f} M parameters). Stage 1 "
+        "(models/tiny-base, built by models/build_tiny_base.sh) pretrained it action-only on the project's own "
+        "multi-task ManiSkill3 demonstrations; the demo's models are its stage-2 fine-tunes with selective transfer "
+        f"for {config['train']['max_steps']} optimizer steps each on 2 CPU cores. The paper fine-tunes a 3B VLA: "
         "nothing here measures the paper's claims at its scale.",
-        f"Rationales: the simulator teacher's four short sections (up to {mrt} tokens; longer ones are shortened "
-        "per section, never dropped). The 'as trained' text in the rationale section shows exactly what the models "
-        "saw.",
+        f"Rationales: the simulator teacher's four short sections (up to {run.max_rationale_tokens} tokens; longer "
+        "ones are shortened per section, never dropped). The 'as trained' text in the rationale section shows "
+        "exactly what the models saw.",
         "Closed-loop numbers come from one seed range; with 20-30 episodes per model a 95 % interval spans "
         "about ±20 points, so only large differences can show.",
         "Timings were taken on a shared machine; the load average is recorded with the run.",
     ]
 
-    payload = {
-        "mode": config["mode"], "claims": claims, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+
+# ---- the three pages ---------------------------------------------------------------------------------------------
+def report_payload(run: RunResults, content: ReportContent) -> dict[str, Any]:
+    """report.json: the numbers behind every table and sentence, with the run's config and machine."""
+    config, context, evals, analyses = run.config, run.context, run.evals, run.analyses
+    return {
+        "mode": config["mode"], "claims": run.claims, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": context["machine"], "load_average": context.get("load_average"),
-        "total_seconds": total_s, "total_cpu_seconds": total_cpu, "time_budget_s": budget, "stages": context["stages"],
-        "data": context["collect"], "annotation": context["annotate"], "train": train,
-        "success": {n: {k: v for k, v in r.items() if k != "episodes"} for n, r in success_rows},
+        "total_seconds": content.timing.total_seconds, "total_cpu_seconds": content.timing.total_cpu_seconds,
+        "time_budget_s": content.timing.budget_s, "stages": context["stages"],
+        "data": context["collect"], "annotation": context["annotate"], "train": run.train,
+        "success": {n: {k: v for k, v in r.items() if k != "episodes"} for n, r in run.success_rows()},
         "models": {n: {"successes": e["successes"], "trials": e["trials"], "wilson95": e["wilson95"]}
                    for n, e in evals.items()},
         "references": {n: {"successes": r["successes"], "trials": r["trials"], "wilson95": r["wilson95"]}
-                       for n, r in references.items()},
+                       for n, r in run.references.items()},
         "diagnostic": {n: a["diagnostic"] for n, a in analyses.items()},
         "examples": {n: a["examples"] for n, a in analyses.items()},
-        "latency": latency_rows, "claims_text": success_text + diag_text, "limits": limits,
-        "config": config, "sections": list(SECTIONS),
+        "latency": content.latency.rows, "claims_text": content.success_text + content.diagnostic_text,
+        "limits": content.limits, "config": config, "sections": list(SECTIONS),
     }
-    (out / "report.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
 
-    # ---- HTML ----------------------------------------------------------------------------------------------
-    def para(lines: list[str]) -> str:
-        return "".join(f"<p>{html.escape(t)}</p>" for t in lines)
 
-    example_blocks = []
-    for k, _ in enumerate(frames):
-        ex0 = first["examples"][k]
-        parts = [f"<h3>example {k}: episode {ex0['episode']}, frame {ex0['frame']}</h3>",
-                 f"<img src='example_{k}.png' alt='frame'><p><b>instruction:</b> {html.escape(ex0['instruction'])}</p>",
-                 "<table><tr><th>source</th><th>rationale</th><th>action (dx, dy, dz m … gripper)</th></tr>",
-                 f"<tr><td>teacher (simulator state), full</td><td class='r'>{html.escape(ex0['teacher_rationale'])}"
-                 f"</td><td>{html.escape(_vec(ex0['label_action']))}</td></tr>",
-                 f"<tr><td>teacher, as trained (≤ {mrt} tokens)</td><td class='r'>"
-                 f"{html.escape(ex0['teacher_target'])}</td><td></td></tr>"]
-        for name, a in analyses.items():
-            ex = a["examples"][k]
-            text = ex["generated_rationale"] if a["has_rationale"] else "(no rationale: λ_r = 0)"
-            parts.append(f"<tr><td>{html.escape(name)}</td><td class='r'>{html.escape(text or '(empty)')}</td>"
-                         f"<td>{html.escape(_vec(ex['action']))}</td></tr>")
-        parts.append("</table>")
-        example_blocks.append("".join(parts))
-    loop_examples = []
-    for name, e in evals.items():
-        for x in e.get("rationale_examples", [])[:2]:
-            loop_examples.append([name, x["seed"], x["step"], x["text"]])
+PAGE_STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em} table{border-collapse:collapse;"
+              "margin:0.5em 0} td,th{border:1px solid #bbb;padding:3px 6px;font-size:13px;vertical-align:top} "
+              "td.r{max-width:650px;font-family:monospace;font-size:12px} .claim{background:#f4f4f4;padding:0.6em}")
 
-    stage_head = ["stage", "wall seconds", "CPU seconds (all processes)", "this run"]
-    stage_table = _table(stage_head, stage_rows)
-    load = context.get("load_average")
-    machine = context["machine"]
-    timing_text = (f"Wall time of the stages before this report: {total_s / 60:.1f} min (budget {budget / 60:.0f} "
-                   f"min); CPU time of all its processes: {total_cpu / 60:.1f} core-min, i.e. at least "
-                   f"{total_cpu / cores / 60:.1f} min on {cores} idle cores. Load average (1/5/15 min) at start "
-                   f"{load[:3] if load else '?'} and end {load[3:] if load else '?'} (other work on the machine "
-                   f"stretches the wall time); {machine.get('cpu')}, {machine.get('cpu_count')} CPUs.")
-    collect, annotate = context["collect"], context["annotate"]
-    data_table = _table(
-        ["episodes", "frames", "expert successes while collecting", "seeds", "frames with a teacher rationale",
-         "teacher"],
-        [[collect["episodes"], collect["frames"], collect["expert_successes"], str(collect["seeds"]),
-          annotate["frames_with_rationale"], annotate["teacher"]]])
-    curve_links = " ".join(f"<a href='loss_curve_{n}.png'>{html.escape(n)}</a>" for n in train)
-    no_diag = ["No model of this run writes its rationale before the action, so there is no rationale to force."]
-    stats_head = ["model", "frames", "parse into four sections", "parse rate, closed loop (policy_node)",
-                  "distinct generated", "share of the most common",
-                  "phase agrees with teacher",
-                  "agreement of always the commonest phase", "exact match of the trained text"]
-    loop_table = (_table(["model", "seed", "step", "rationale"], loop_examples) if loop_examples
-                  else "<p>policy_node published no rationale text in these episodes.</p>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em} table{border-collapse:collapse;"
-             "margin:0.5em 0} td,th{border:1px solid #bbb;padding:3px 6px;font-size:13px;vertical-align:top} "
-             "td.r{max-width:650px;font-family:monospace;font-size:12px} .claim{background:#f4f4f4;padding:0.6em}")
+DIAGNOSTIC_HOW_TO_READ = (
+    "Action L1 (all 7 dimensions; then "
+    "translation only) of greedy decoding on held-out frames: without a rationale, after the model's own "
+    "generated rationale, and with the teacher's rationale (as trained) fed in its place. How to read it: an "
+    "error lower with the teacher's rationale than with the model's own means the action head uses the "
+    "rationale but the generated rationale is not grounded in the image; no difference means the action "
+    "ignores the rationale. For the rationale-first model, (a) is the mode it was trained in on only the "
+    "samples whose rationale was dropped (the rationale dropout). The trainer's validation action L1 in the "
+    "training table is close to (c) for the "
+    "rationale-first model, but it also feeds the true previous action tokens; here all 7 action tokens are "
+    "decoded greedily, as in the closed loop.")
+
+NO_DIAGNOSTIC = ["No model of this run writes its rationale before the action, so there is no rationale to force."]
+
+
+def _paragraphs(lines: list[str]) -> str:
+    return "".join(f"<p>{html.escape(t)}</p>" for t in lines)
+
+
+def html_page(run: RunResults, content: ReportContent) -> str:
+    """index.html: one section per entry of SECTIONS, in that order."""
+    mode = html.escape(run.config["mode"])
+    claims = f"<div class='claim'>{_paragraphs(content.success_text)}</div>"
     parts = [
-        f"<!doctype html><meta charset='utf-8'><title>refinevla demo ({html.escape(config['mode'])})</title>",
-        f"<style>{style}</style><h1>refinevla demo — {html.escape(config['mode'])} run</h1>",
+        f"<!doctype html><meta charset='utf-8'><title>refinevla demo ({mode})</title>",
+        f"<style>{PAGE_STYLE}</style><h1>refinevla demo — {mode} run</h1>",
         "<section id='run'><h2>Run</h2><p>collect → annotate → train → closed-loop evaluation through the ROS nodes "
-        f"→ this report. {html.escape(timing_text)}</p>",
-        f"<div class='claim'>{para(success_text)}</div>{stage_table}</section>",
-        f"<section id='data'><h2>Data</h2>{data_table}</section>",
-        "<section id='training'><h2>Training: loss curves per term</h2><img src='losses.png' alt='loss curves'>",
-        _table(train_head, train_rows),
-        f"<p>Per-model curves: {curve_links}. Teacher-forced validation feeds the true previous tokens (and, for "
-        "rationale-first models, the teacher's rationale).</p></section>",
+        f"→ this report. {html.escape(content.timing_text)}</p>",
+        f"{claims}{content.stages.html()}</section>",
+        f"<section id='data'><h2>Data</h2>{_data_table(run).html()}</section>",
+        *_html_training(run, content),
         "<section id='success'><h2>Closed-loop success</h2><img src='success.png' alt='success'>",
-        _table(success_head, success_table), f"<div class='claim'>{para(success_text)}</div></section>",
-        "<section id='diagnostic'><h2>Forced-rationale diagnostic</h2><p>Action L1 (all 7 dimensions; then "
-        "translation only) of greedy decoding on held-out frames: without a rationale, after the model's own "
-        "generated rationale, and with the teacher's rationale (as trained) fed in its place. How to read it: an "
-        "error lower with the teacher's rationale than with the model's own means the action head uses the "
-        "rationale but the generated rationale is not grounded in the image; no difference means the action "
-        "ignores the rationale. For the rationale-first model, (a) is the mode it was trained in on only the "
-        "samples whose rationale was dropped (the rationale dropout). The trainer's validation action L1 in the "
-        "training table is close to (c) for the "
-        "rationale-first model, but it also feeds the true previous action tokens; here all 7 action tokens are "
-        "decoded greedily, as in the closed loop.</p>",
-        _table(diag_head, diag_rows), f"<div class='claim'>{para(diag_text or no_diag)}</div></section>",
-        "<section id='rationales'><h2>Generated rationales next to the teacher's</h2>",
-        _table(stats_head, rationale_stats), *example_blocks,
-        "<h3>Rationales policy_node published during the closed-loop episodes</h3>", loop_table, "</section>",
+        content.success.html(), f"{claims}</section>",
+        f"<section id='diagnostic'><h2>Forced-rationale diagnostic</h2><p>{DIAGNOSTIC_HOW_TO_READ}</p>",
+        content.diagnostic.html(),
+        f"<div class='claim'>{_paragraphs(content.diagnostic_text or NO_DIAGNOSTIC)}</div></section>",
+        *_html_rationales(run, content),
         "<section id='attention'><h2>Attention of the action tokens over the image patches</h2>",
         "<img src='attention.png' alt='attention overlays'><p>Mean attention of the 7 action-token positions over "
         "the image patches (last language-model layer, heads averaged; red = more).</p></section>",
-        f"<section id='latency'><h2>Latency per rationale mode</h2>{_table(latency_head, latency_rows)}</section>",
-        f"<section id='limits'><h2>What this run does not show</h2>{para(limits)}</section>",
+        f"<section id='latency'><h2>Latency per rationale mode</h2>{content.latency.html()}</section>",
+        f"<section id='limits'><h2>What this run does not show</h2>{_paragraphs(content.limits)}</section>",
     ]
-    page = "\n".join(parts) + "\n"
-    (out / "index.html").write_text(page)
+    return "\n".join(parts) + "\n"
 
-    md = [f"# refinevla demo — {config['mode']} run", "", f"Run {payload['time']}. {timing_text}", "",
-          *success_text, "", "## Stages", "", *_md_table(stage_head, stage_rows), "", "## Training", "",
-          *_md_table(train_head, train_rows), "", "## Closed-loop success", "",
-          *_md_table(success_head, success_table),
-          "", "## Forced-rationale diagnostic", "", *_md_table(diag_head, diag_rows), "", *diag_text, "",
-          "## Rationales", "", *_md_table(stats_head, rationale_stats), "",
-          "## Latency", "", *_md_table(latency_head, latency_rows), "", "## Limits", "",
-          *[f"- {t}" for t in limits], "", "## Machine", "",
-          *[f"- {k}: {v}" for k, v in machine.items()], ""]
-    (out / "report.md").write_text("\n".join(md))
-    return {"html": str(out / "index.html"), "json": str(out / "report.json"), "md": str(out / "report.md"),
-            "pngs": [str(p) for p in (losses_png, success_png, attention_png)]}
+
+def _data_table(run: RunResults) -> Table:
+    collect, annotate = run.context["collect"], run.context["annotate"]
+    return Table(["episodes", "frames", "expert successes while collecting", "seeds",
+                  "frames with a teacher rationale", "teacher"],
+                 [[collect["episodes"], collect["frames"], collect["expert_successes"], str(collect["seeds"]),
+                   annotate["frames_with_rationale"], annotate["teacher"]]])
+
+
+def _html_training(run: RunResults, content: ReportContent) -> list[str]:
+    curve_links = " ".join(f"<a href='loss_curve_{n}.png'>{html.escape(n)}</a>" for n in run.train)
+    return ["<section id='training'><h2>Training: loss curves per term</h2><img src='losses.png' alt='loss curves'>",
+            content.training.html(),
+            f"<p>Per-model curves: {curve_links}. Teacher-forced validation feeds the true previous tokens (and, for "
+            "rationale-first models, the teacher's rationale).</p></section>"]
+
+
+def _html_rationales(run: RunResults, content: ReportContent) -> list[str]:
+    loop = (content.loop_rationales.html() if content.loop_rationales.rows
+            else "<p>policy_node published no rationale text in these episodes.</p>")
+    examples = [_html_example(run, k) for k in range(len(run.first_analysis["examples"]))]
+    return ["<section id='rationales'><h2>Generated rationales next to the teacher's</h2>",
+            content.rationale_stats.html(), *examples,
+            "<h3>Rationales policy_node published during the closed-loop episodes</h3>", loop, "</section>"]
+
+
+def _html_example(run: RunResults, k: int) -> str:
+    """Example frame k: the teacher's rationale (full and as trained) and each model's rationale and action."""
+    ex0 = run.first_analysis["examples"][k]
+    parts = [f"<h3>example {k}: episode {ex0['episode']}, frame {ex0['frame']}</h3>",
+             f"<img src='example_{k}.png' alt='frame'><p><b>instruction:</b> {html.escape(ex0['instruction'])}</p>",
+             "<table><tr><th>source</th><th>rationale</th><th>action (dx, dy, dz m … gripper)</th></tr>",
+             f"<tr><td>teacher (simulator state), full</td><td class='r'>{html.escape(ex0['teacher_rationale'])}"
+             f"</td><td>{html.escape(_vec(ex0['label_action']))}</td></tr>",
+             f"<tr><td>teacher, as trained (≤ {run.max_rationale_tokens} tokens)</td><td class='r'>"
+             f"{html.escape(ex0['teacher_target'])}</td><td></td></tr>"]
+    for name, a in run.analyses.items():
+        ex = a["examples"][k]
+        text = ex["generated_rationale"] if a["has_rationale"] else "(no rationale: λ_r = 0)"
+        parts.append(f"<tr><td>{html.escape(name)}</td><td class='r'>{html.escape(text or '(empty)')}</td>"
+                     f"<td>{html.escape(_vec(ex['action']))}</td></tr>")
+    parts.append("</table>")
+    return "".join(parts)
+
+
+def markdown_page(run: RunResults, content: ReportContent, when: str) -> str:
+    """report.md: the same tables and sentences as the page, for a terminal or a pull request."""
+    md = [f"# refinevla demo — {run.config['mode']} run", "", f"Run {when}. {content.timing_text}", "",
+          *content.success_text, "", "## Stages", "", *content.stages.markdown(), "", "## Training", "",
+          *content.training.markdown(), "", "## Closed-loop success", "",
+          *content.success.markdown(),
+          "", "## Forced-rationale diagnostic", "", *content.diagnostic.markdown(), "", *content.diagnostic_text, "",
+          "## Rationales", "", *content.rationale_stats.markdown(), "",
+          "## Latency", "", *content.latency.markdown(), "", "## Limits", "",
+          *[f"- {t}" for t in content.limits], "", "## Machine", "",
+          *[f"- {k}: {v}" for k, v in run.context["machine"].items()], ""]
+    return "\n".join(md)
 
 
 def _trains_rationale(model: dict[str, Any]) -> bool:
