@@ -12,16 +12,22 @@ by a model. Every request is recorded (body, image digests, fault served) so tes
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import httpx
 
 FAULTS = ("ok", "400", "429", "500", "503", "slow", "malformed_body", "bad_json", "missing_section", "empty", "headed",
           "reject_json_mode", "401", "404", "drop")
@@ -81,11 +87,75 @@ def templated_rationale(body: dict[str, Any]) -> dict[str, str]:
     }
 
 
+UNAUTHORISED = {"error": {"message": "Incorrect API key provided"}}
+
+
 class _QuietServer(ThreadingHTTPServer):
+    """The listening socket; `chat` is the ChatServer whose behaviour its handlers serve."""
+
     daemon_threads = True
+    chat: ChatServer
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # dropped connections are a fault we serve on purpose, not news
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    """One connection: routes GET /v1/models, GET /v1/stats and POST /v1/chat/completions to the server's ChatServer."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
+    server: _QuietServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        chat = self.server.chat
+        if self.path.rstrip("/").endswith("/stats"):  # for a server in another process (the benchmark)
+            self.send_json(200, chat.stats())
+            return
+        if not self.path.rstrip("/").endswith("/models"):
+            self.send_json(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        chat.count_model_list_call()
+        if not chat.authorised(self.headers.get("Authorization")):
+            self.send_json(401, UNAUTHORISED)
+            return
+        self.send_json(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        chat = self.server.chat
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            self.send_json(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            self.send_json(400, {"error": {"message": "request body is not JSON"}})
+            return
+        fault = chat.record(self.path, body)
+        if not chat.authorised(self.headers.get("Authorization")) or fault == "401":
+            self.send_json(401, UNAUTHORISED)
+            return
+        with chat.answering():
+            if chat.latency_s:
+                time.sleep(chat.latency_s)
+            chat.answer(self, body, fault, len(raw))
+
+    def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None,
+                  raw: bytes | None = None) -> None:
+        """`payload` as JSON (or `raw` bytes as they are) with its length, so the keep-alive connection stays usable."""
+        data = raw if raw is not None else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
 
 
 class ChatServer:
@@ -111,72 +181,8 @@ class ChatServer:
         self.in_flight = 0
         self.max_in_flight = 0  # the most chat requests being answered at once
         self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/stats"):  # for a server in another process (the benchmark)
-                    with server._lock:
-                        stats = {"calls": len(server.requests), "max_in_flight": server.max_in_flight}
-                    self._send(200, stats)
-                    return
-                if not self.path.rstrip("/").endswith("/models"):
-                    self._send(404, {"error": {"message": f"no route {self.path}"}})
-                    return
-                with server._lock:
-                    server.model_list_calls += 1
-                if not server._authorised(self.headers.get("Authorization")):
-                    self._send(401, {"error": {"message": "Incorrect API key provided"}})
-                    return
-                self._send(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
-                if not self.path.rstrip("/").endswith("/chat/completions"):
-                    self._send(404, {"error": {"message": f"no route {self.path}"}})
-                    return
-                try:
-                    body = json.loads(raw)
-                except ValueError:
-                    self._send(400, {"error": {"message": "request body is not JSON"}})
-                    return
-                fault = server._next_fault(body)
-                with server._lock:
-                    server.requests.append(RecordedRequest(self.path, body, request_image_digests(body), fault))
-                if not server._authorised(self.headers.get("Authorization")) or fault == "401":
-                    self._send(401, {"error": {"message": "Incorrect API key provided"}})
-                    return
-                with server._lock:
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    if server.latency_s:
-                        time.sleep(server.latency_s)
-                    server._answer(self, body, fault, len(raw))
-                finally:
-                    with server._lock:
-                        server.in_flight -= 1
-
-            def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None,
-                      raw: bytes | None = None) -> None:
-                data = raw if raw is not None else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self._handler = Handler
-        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), _ChatHandler)
+        self._httpd.chat = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="chat-server", daemon=True)
 
@@ -210,8 +216,35 @@ class ChatServer:
         with self._lock:
             return len(self.requests)
 
-    def _authorised(self, header: str | None) -> bool:
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"calls": len(self.requests), "max_in_flight": self.max_in_flight}
+
+    def count_model_list_call(self) -> None:
+        with self._lock:
+            self.model_list_calls += 1
+
+    def authorised(self, header: str | None) -> bool:
         return self.api_key is None or header == f"Bearer {self.api_key}"
+
+    def record(self, path: str, body: dict[str, Any]) -> str:
+        """Record a chat request and return the fault to serve it."""
+        fault = self._next_fault(body)
+        with self._lock:
+            self.requests.append(RecordedRequest(path, body, request_image_digests(body), fault))
+        return fault
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Counts the chat requests being answered at once (max_in_flight)."""
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def _next_fault(self, body: dict[str, Any]) -> str:
         with self._lock:
@@ -220,21 +253,23 @@ class ChatServer:
         fault = self.fault_for(body) if self.fault_for else None
         return fault or "ok"
 
-    def _answer(self, handler: Any, body: dict[str, Any], fault: str, request_bytes: int) -> None:
+    def answer(self, handler: _ChatHandler, body: dict[str, Any], fault: str, request_bytes: int) -> None:
+        """Reply to one chat request as `fault` says: an error status, a broken body, a dropped connection, or a
+        completion (templated sections, whole or damaged)."""
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {FAULTS}")
         if "response_format" in body and (fault == "reject_json_mode" or not self.json_mode_supported):
-            handler._send(400, {"error": {"message": "response_format is not supported by this model"}})
+            handler.send_json(400, {"error": {"message": "response_format is not supported by this model"}})
             return
         if fault in ("400", "429", "500", "503"):
             headers = {"Retry-After": self.retry_after} if fault == "429" and self.retry_after is not None else {}
-            handler._send(int(fault), {"error": {"message": f"stand-in fault {fault}"}}, headers)
+            handler.send_json(int(fault), {"error": {"message": f"stand-in fault {fault}"}}, headers)
             return
         if fault == "404":
-            handler._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
+            handler.send_json(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
             return
         if fault == "malformed_body":
-            handler._send(200, None, raw=b'{"choices": [{"message": {"content": "trunc')
+            handler.send_json(200, None, raw=b'{"choices": [{"message": {"content": "trunc')
             return
         if fault == "drop":
             handler.close_connection = True
@@ -263,13 +298,11 @@ class ChatServer:
             prompt_tokens = request_bytes // 4  # a stand-in count: servers report real tokenizer counts
             payload["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(content) // 4,
                                 "total_tokens": prompt_tokens + len(content) // 4}
-        handler._send(200, payload)
+        handler.send_json(200, payload)
 
 
 def serve(argv: list[str] | None = None) -> None:
     """`python -m refinevla_core.annotation.local_server --latency-ms 200`: print the port, serve until killed."""
-    import argparse
-
     parser = argparse.ArgumentParser(description="stand-in chat-completions server on 127.0.0.1")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     args = parser.parse_args(argv)
@@ -295,14 +328,9 @@ class ChatServerProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def stats(self) -> dict[str, int]:
-        import httpx
-
         return httpx.get(f"{self.base_url}/stats", timeout=10).json()
 
     def __enter__(self) -> ChatServerProcess:
-        import subprocess
-        import sys
-
         self._process = subprocess.Popen(
             [sys.executable, "-m", "refinevla_core.annotation.local_server", "--latency-ms",
              str(self.latency_s * 1000.0)], stdout=subprocess.PIPE, text=True)
