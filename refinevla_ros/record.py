@@ -11,8 +11,8 @@ so the instruction published before recording started is still recorded).
 
 Stopping: Ctrl-C or SIGTERM finish the bag (index + metadata.yaml) and exit 0; so does --duration. After `kill -9`
 the bag has no metadata.yaml, but everything up to the last flush (every --flush-every seconds) is on disk and
-`refinevla convert` reads it (refinevla_core.data.rosbag.open_bag). rclpy is imported inside run(): `refinevla --help`
-must work on machines without ROS.
+`refinevla convert` reads it (refinevla_core.data.bag_storage.open_bag). rclpy is imported inside run():
+`refinevla --help` must work on machines without ROS.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from refinevla_core.config import ConfigError, load_config, parse_overrides
+from refinevla_core.data.bag_storage import BagRecording, qos_profile
+from refinevla_core.data.bag_topics import BagTopicsConfig
 from refinevla_core.data.episode import DataError
-from refinevla_core.data.rosbag import BagRecording, BagTopicsConfig, qos_profile
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "bag_topics.yaml"
 NODE_NAME = "refinevla_recorder"

@@ -26,18 +26,22 @@ import os
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from tqdm import tqdm
 
 from refinevla_core.config import ConfigError, find_config_file, load_config, parse_overrides, to_dict
+from refinevla_core.data.bag_reader import BagEpisodeReader
+from refinevla_core.data.bag_topics import BagTopicsConfig
 from refinevla_core.data.episode import DataError, Episode
-from refinevla_core.data.episode_dataset import EpisodeDataset, atomic_write_json
+from refinevla_core.data.episode_dataset import EpisodeDataset
 from refinevla_core.data.lerobot import LeRobotConfig, LeRobotReader
-from refinevla_core.data.rosbag import BagEpisodeReader, BagTopicsConfig
+from refinevla_core.data.source import EpisodeSource
+from refinevla_core.data.stats import compute_dataset_stats
+from refinevla_core.io import atomic_write_json, folder_built_in_place_of
 
 SourceKind = Literal["bag", "lerobot"]
 
@@ -119,10 +123,6 @@ def convert(
     progress: bool | None = None,
 ) -> ConvertResult:
     """Convert `sources` into the episode dataset `out` atomically (see the module docstring); returns counts."""
-    from tqdm import tqdm
-
-    from refinevla_core.data.stats import compute_dataset_stats
-
     out = Path(out)
     sources = [Path(s) for s in sources]
     for s in sources:
@@ -130,63 +130,20 @@ def convert(
             raise DataError(f"{kind} source {s} does not exist")
     settings = {"config": to_dict(config), "drop_bad_frames": drop_bad_frames, "fps": fps}
     fingerprint = _fingerprint(kind, sources, settings)
-    if out.exists():
-        try:
-            existing = EpisodeDataset(out).meta.get("converted_from", {})
-        except DataError:
-            existing = {}
-        if existing.get("fingerprint") == fingerprint and not overwrite:
-            return ConvertResult(out=out, up_to_date=True, episodes=len(EpisodeDataset(out)))
-        if not overwrite:
-            made_from = ", ".join(existing.get("sources", [])) or "something else"
-            raise DataError(
-                f"{out} already exists (made from {made_from}) and differs from this conversion; pass --overwrite "
-                "to replace it, or choose another --out"
-            )
+    if out.exists() and _already_converted(out, fingerprint, overwrite):
+        return ConvertResult(out=out, up_to_date=True, episodes=len(EpisodeDataset(out)))
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out)
-    tmp = out.parent / f".{out.name}.converting-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     result = ConvertResult(out=out)
-    try:
-        readers: list[BagEpisodeReader | LeRobotReader] = []
-        source_fps: float | None = None
-        if kind == "lerobot":
-            assert isinstance(config, LeRobotConfig)
-            lr = LeRobotReader(sources[0], config)
-            readers.append(lr)
-            source_fps = lr.fps
-            total: int | None = len(lr.episode_indices())
-        else:
-            assert isinstance(config, BagTopicsConfig)
-            readers = [BagEpisodeReader(s, config, drop_bad_frames) for s in sources]
-            total = None
+    tmp = out.parent / f".{out.name}.converting-{os.getpid()}"
+    with folder_built_in_place_of(out, tmp, aside="replaced"):
+        readers, source_fps = open_sources(kind, sources, config, drop_bad_frames)
         ds = EpisodeDataset.create(tmp, name=name or out.name, fps=fps or source_fps or 5.0)
-        timing: list[tuple[int, int, int]] = []
-        shape: tuple[int, ...] = ()
-        disable = None if progress is None else not progress  # None: a bar only on a terminal
-        with tqdm(total=total, unit="episode", desc=f"convert {kind}", disable=disable, file=sys.stderr) as bar:
-            for reader in readers:
-                for episode in _episodes(reader, bar, drop_bad_frames):
-                    if shape and episode.images.shape[1:] != shape:
-                        raise DataError(
-                            f"{episode.metadata.get('bag') or episode.metadata.get('dataset')}: images are "
-                            f"{episode.images.shape[1:3]} but earlier episodes are {shape[:2]}; set image_size: "
-                            "[height, width] so every episode has one size"
-                        )
-                    shape = episode.images.shape[1:]
-                    ds.append(episode)
-                    result.frames += len(episode)
-                    bar.set_postfix(frames=result.frames)
-                    meta = episode.metadata
-                    if "start_time_ns" in meta:
-                        timing.append((len(episode), meta["start_time_ns"], meta["end_time_ns"]))
-                result.reports.append(reader.report.to_dict())
+        timing = _write_episodes(readers, ds, result, f"convert {kind}", progress)
         result.episodes = len(ds)
         if result.episodes == 0:
             raise DataError(_nothing_to_write(kind, sources, result.reports))
         result.fps = fps or source_fps or _estimate_fps(timing)
-        result.image_shape = tuple(shape)
         ds.meta.update({
             "fps": result.fps,
             "converted_from": {"kind": kind, "sources": [str(s) for s in sources], "fingerprint": fingerprint,
@@ -194,30 +151,70 @@ def convert(
         })
         atomic_write_json(tmp / "meta.json", ds.meta)
         compute_dataset_stats(EpisodeDataset(tmp))
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 
-def _episodes(reader: BagEpisodeReader | LeRobotReader, bar: Any, drop_bad_frames: bool) -> Iterator[Episode]:
-    """The reader's episodes, advancing the progress bar per source episode."""
-    if isinstance(reader, LeRobotReader):
-        for index in reader.episode_indices():
-            pieces = reader.read_episode(index, drop_bad_frames)
-            bar.update(1)
-            yield from pieces
-    else:
-        for episode in reader.episodes():
-            bar.update(1)
-            yield episode
+def _already_converted(out: Path, fingerprint: str, overwrite: bool) -> bool:
+    """True when the existing dataset `out` holds this very conversion (and --overwrite is not given); DataError
+    when it holds something else and --overwrite is not given."""
+    try:
+        existing = EpisodeDataset(out).meta.get("converted_from", {})
+    except DataError:
+        existing = {}
+    if existing.get("fingerprint") == fingerprint and not overwrite:
+        return True
+    if not overwrite:
+        made_from = ", ".join(existing.get("sources", [])) or "something else"
+        raise DataError(
+            f"{out} already exists (made from {made_from}) and differs from this conversion; pass --overwrite "
+            "to replace it, or choose another --out"
+        )
+    return False
+
+
+def open_sources(kind: SourceKind, sources: list[Path], config: BagTopicsConfig | LeRobotConfig,
+                 drop_bad_frames: bool) -> tuple[list[EpisodeSource], float | None]:
+    """The readers of `sources`, and the control rate they declare (LeRobot's fps; bags declare none)."""
+    if kind == "lerobot":
+        assert isinstance(config, LeRobotConfig)
+        reader = LeRobotReader(sources[0], config, drop_bad_frames)
+        return [reader], reader.fps
+    assert isinstance(config, BagTopicsConfig)
+    return [BagEpisodeReader(s, config, drop_bad_frames) for s in sources], None
+
+
+def _write_episodes(readers: list[EpisodeSource], ds: EpisodeDataset, result: ConvertResult, desc: str,
+                    progress: bool | None) -> list[tuple[int, int, int]]:
+    """Append every episode of every reader to `ds`, counting frames and reports into `result` (its image_shape
+    too); returns (frames, first ns, last ns) per timed episode, for _estimate_fps."""
+    timing: list[tuple[int, int, int]] = []
+    expected = [reader.expected_episodes() for reader in readers]
+    total = None if None in expected else sum(n for n in expected if n is not None)
+    disable = None if progress is None else not progress  # None: a bar only on a terminal
+    with tqdm(total=total, unit="episode", desc=desc, disable=disable, file=sys.stderr) as bar:
+        for reader in readers:
+            for pieces in reader.source_episodes():
+                bar.update(1)
+                for episode in pieces:
+                    _check_same_image_shape(episode, result.image_shape)
+                    result.image_shape = tuple(episode.images.shape[1:])
+                    ds.append(episode)
+                    result.frames += len(episode)
+                    bar.set_postfix(frames=result.frames)
+                    meta = episode.metadata
+                    if "start_time_ns" in meta:
+                        timing.append((len(episode), meta["start_time_ns"], meta["end_time_ns"]))
+            result.reports.append(reader.report.to_dict())
+    return timing
+
+
+def _check_same_image_shape(episode: Episode, shape: tuple[int, ...]) -> None:
+    if shape and episode.images.shape[1:] != shape:
+        raise DataError(
+            f"{episode.metadata.get('bag') or episode.metadata.get('dataset')}: images are "
+            f"{episode.images.shape[1:3]} but earlier episodes are {shape[:2]}; set image_size: "
+            "[height, width] so every episode has one size"
+        )
 
 
 def _nothing_to_write(kind: SourceKind, sources: list[Path], reports: list[dict[str, Any]]) -> str:

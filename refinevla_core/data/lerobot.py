@@ -24,33 +24,30 @@ declare names, or name them unusually, are read with `assume_action_layout: true
 `gripper_convention` converts -1..+1 (SimplerEnv/Octo) or 1 = closed datasets to Bridge; gripper values that end up
 outside [0, 1] are an error naming the conventions to try.
 
-The writer (`write_lerobot_dataset`) produces the same layouts, so tests build small LeRobot datasets honestly and
-episodes can be exported for LeRobot tools. It follows LeRobot's published layout; it is not checked against the
-`lerobot` package itself, which is not installed here.
+Gripper conventions and their converters are refinevla_core.gripper. The tests build small LeRobot datasets with a
+writer of the same layouts (test/core/lerobot_writer.py); it follows LeRobot's published layout and is not checked
+against the `lerobot` package itself, which is not installed here.
 """
 
 from __future__ import annotations
 
-import fractions
 import io
 import json
-import os
 import re
-import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from refinevla_core.data.episode import ACTION_DIM, DataError, Episode
 from refinevla_core.data.images import resize_rgb
+from refinevla_core.gripper import GripperConvention, to_bridge
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 BRIDGE_ACTION_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 _JOINT_HINTS = ("joint", "shoulder", "elbow", "wrist", "waist", "forearm", ".pos", "_pos", "motor")
-GripperConvention = Literal["bridge", "plus_minus_one", "closed_is_one"]
 
 
 @dataclass
@@ -68,27 +65,6 @@ class LeRobotConfig:
     def __post_init__(self) -> None:
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) <= 0):
             raise ValueError(f"image_size must be [height, width] with positive values; got {self.image_size}")
-
-
-def gripper_to_bridge(values: np.ndarray, convention: GripperConvention) -> np.ndarray:
-    """Gripper values in `convention` -> Bridge (1 = open, 0 = closed)."""
-    if convention == "bridge":
-        return values
-    if convention == "plus_minus_one":
-        return (values + 1.0) / 2.0
-    if convention == "closed_is_one":
-        return 1.0 - values
-    raise DataError(f"unknown gripper convention {convention!r}; use bridge, plus_minus_one or closed_is_one")
-
-
-def gripper_from_bridge(values: np.ndarray, convention: GripperConvention) -> np.ndarray:
-    if convention == "bridge":
-        return values
-    if convention == "plus_minus_one":
-        return values * 2.0 - 1.0
-    if convention == "closed_is_one":
-        return 1.0 - values
-    raise DataError(f"unknown gripper convention {convention!r}; use bridge, plus_minus_one or closed_is_one")
 
 
 def _flat_names(names: Any) -> list[str] | None:
@@ -206,11 +182,13 @@ def _column_array(table: Any, name: str, where: str) -> np.ndarray:
 
 
 class LeRobotReader:
-    """Read a local LeRobot dataset folder as Episodes: `for ep in LeRobotReader(root, cfg).episodes(): ...`."""
+    """Read a local LeRobot dataset folder as Episodes: `for ep in LeRobotReader(root, cfg).episodes(): ...`; an
+    EpisodeSource (refinevla_core.data.source) for `refinevla convert`."""
 
-    def __init__(self, root: str | Path, config: LeRobotConfig | None = None) -> None:
+    def __init__(self, root: str | Path, config: LeRobotConfig | None = None, drop_bad_frames: bool = False) -> None:
         self.root = Path(root)
         self.config = config or LeRobotConfig()
+        self.drop_bad_frames = drop_bad_frames  # the default of read_episode / episodes
         info_path = self.root / "meta" / "info.json"
         if not info_path.is_file():
             raise DataError(
@@ -363,10 +341,12 @@ class LeRobotReader:
         timestamps = _column_array(table, "timestamp", where).astype(np.float64).reshape(-1)
         return decode_video_frames(path, offset + timestamps, tolerance_s=0.45 / self.fps, where=where)
 
-    def read_episode(self, index: int, drop_bad_frames: bool = False) -> list[Episode]:
+    def read_episode(self, index: int, drop_bad_frames: bool | None = None) -> list[Episode]:
         """Episode `index` as one Episode, or several where its task changes; non-finite actions raise DataError
-        naming the episode and frame, or are dropped and counted with drop_bad_frames."""
+        naming the episode and frame, or are dropped and counted with drop_bad_frames (None: the reader's)."""
         cfg = self.config
+        if drop_bad_frames is None:
+            drop_bad_frames = self.drop_bad_frames
         where = f"{self.root} episode {index}"
         table = self._episode_table(index)
         actions = _column_array(table, cfg.action_key, where)
@@ -380,7 +360,7 @@ class LeRobotReader:
                 f"{where} frame {frame}: non-finite action {actions[frame].tolist()}; {int(bad.sum())} frame(s) "
                 "affected. Fix the dataset, or pass --drop-bad-frames to drop them (they are counted)"
             )
-        actions[:, 6] = gripper_to_bridge(actions[:, 6], cfg.gripper_convention)
+        actions[:, 6] = to_bridge(actions[:, 6], cfg.gripper_convention)
         grip = actions[~bad, 6]
         if grip.size and (grip.min() < -1e-3 or grip.max() > 1 + 1e-3):
             raise DataError(
@@ -440,9 +420,18 @@ class LeRobotReader:
             raise DataError(f"{where}: task {empty[0]} is empty: frames need a language instruction")
         return idx
 
-    def episodes(self, drop_bad_frames: bool = False) -> Iterator[Episode]:
+    def episodes(self, drop_bad_frames: bool | None = None) -> Iterator[Episode]:
         for index in self.episode_indices():
             yield from self.read_episode(index, drop_bad_frames)
+
+    def expected_episodes(self) -> int:
+        """EpisodeSource: how many source episodes source_episodes() goes through."""
+        return len(self.episode_indices())
+
+    def source_episodes(self) -> Iterator[list[Episode]]:
+        """EpisodeSource: per dataset episode, the Episodes it became (several where its task changes)."""
+        for index in self.episode_indices():
+            yield self.read_episode(index)
 
 
 def decode_video_frames(path: Path, timestamps: np.ndarray, tolerance_s: float, where: str = "") -> list[np.ndarray]:
@@ -483,183 +472,3 @@ def decode_video_frames(path: Path, timestamps: np.ndarray, tolerance_s: float, 
             )
         out.append(frames[j])
     return out
-
-
-# ---- writing ---------------------------------------------------------------------------------------------------
-
-
-def _encode_video(path: Path, frames: Sequence[np.ndarray], fps: float, codec: str) -> None:
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    if h % 2 or w % 2:
-        raise DataError(f"video frames must have even height and width for yuv420p; got {w}x{h}")
-    rate = fractions.Fraction(fps).limit_denominator(1000)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.time_base = 1 / rate
-        if codec == "libx264":
-            stream.options = {"crf": "10", "preset": "veryfast", "g": "2"}
-        elif codec == "libsvtav1":
-            os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints a banner to stderr per encoder unless told not to
-            stream.options = {"crf": "20", "g": "2"}
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    from PIL import Image as PILImage
-
-    out = io.BytesIO()
-    PILImage.fromarray(rgb).save(out, format="PNG")
-    return out.getvalue()
-
-
-def _action_stats(actions: np.ndarray) -> dict[str, list[float]]:
-    return {"min": actions.min(0).tolist(), "max": actions.max(0).tolist(), "mean": actions.mean(0).tolist(),
-            "std": actions.std(0).tolist(), "count": [len(actions)]}
-
-
-def write_lerobot_dataset(
-    root: str | Path,
-    episodes: Iterable[Episode],
-    *,
-    fps: float = 5.0,
-    version: Literal["v2.1", "v3.0"] = "v3.0",
-    image_key: str = "observation.images.image_0",
-    image_storage: Literal["video", "image"] = "video",
-    codec: str = "libx264",
-    gripper_convention: GripperConvention = "bridge",
-    robot_type: str = "widowx",
-) -> Path:
-    """Write Episodes as a LeRobot dataset (v2.1: a file per episode; v3.0: all episodes in one file per kind).
-
-    Actions are written with Bridge names (x, y, z, roll, pitch, yaw, gripper), the gripper in `gripper_convention`.
-    The folder must not exist; it is built under a temp name and renamed into place at the end.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    root = Path(root)
-    if root.exists():
-        raise DataError(f"{root} already exists; choose a new folder for the LeRobot dataset")
-    tmp = root.with_name(f".{root.name}.writing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        eps = list(episodes)
-        if not eps:
-            raise DataError("no episodes to write")
-        tasks: dict[str, int] = {}
-        shape = list(eps[0].images.shape[1:])
-        data_rows: list[pa.Table] = []
-        ep_meta: list[dict[str, Any]] = []
-        all_frames: list[np.ndarray] = []
-        offset = 0
-        for e, ep in enumerate(eps):
-            ep.validate(where=f"episode {e}")
-            if list(ep.images.shape[1:]) != shape:
-                raise DataError(f"episode {e}: image shape {ep.images.shape[1:]} differs from {shape}")
-            t_idx = tasks.setdefault(ep.instruction, len(tasks))
-            n = len(ep)
-            acts = ep.actions.astype(np.float32).copy()
-            acts[:, 6] = gripper_from_bridge(acts[:, 6], gripper_convention)
-            cols: dict[str, Any] = {
-                "action": pa.array(acts.tolist(), type=pa.list_(pa.float32())),
-                "timestamp": pa.array((np.arange(n) / fps).astype(np.float32)),
-                "frame_index": pa.array(np.arange(n, dtype=np.int64)),
-                "episode_index": pa.array(np.full(n, e, np.int64)),
-                "index": pa.array(np.arange(offset, offset + n, dtype=np.int64)),
-                "task_index": pa.array(np.full(n, t_idx, np.int64)),
-            }
-            if image_storage == "image":
-                cols[image_key] = pa.array([{"bytes": _png(im), "path": None} for im in ep.images],
-                                           type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
-            table = pa.table(cols)
-            meta = {"episode_index": e, "tasks": [ep.instruction], "length": n}
-            if version == "v2.1":
-                pq.write_table(table, _mkparent(tmp / f"data/chunk-000/episode_{e:06d}.parquet"))
-                if image_storage == "video":
-                    _encode_video(tmp / f"videos/chunk-000/{image_key}/episode_{e:06d}.mp4", ep.images, fps, codec)
-            else:
-                data_rows.append(table)
-                meta.update({"data/chunk_index": 0, "data/file_index": 0, "dataset_from_index": offset,
-                             "dataset_to_index": offset + n, "meta/episodes/chunk_index": 0,
-                             "meta/episodes/file_index": 0})
-                if image_storage == "video":
-                    meta.update({f"videos/{image_key}/chunk_index": 0, f"videos/{image_key}/file_index": 0,
-                                 f"videos/{image_key}/from_timestamp": offset / fps,
-                                 f"videos/{image_key}/to_timestamp": (offset + n) / fps})
-                    all_frames.extend(ep.images)
-                meta.update({f"stats/action/{k}": v for k, v in _action_stats(acts).items()})
-            meta["_stats"] = _action_stats(acts)
-            ep_meta.append(meta)
-            offset += n
-
-        features: dict[str, Any] = {
-            image_key: {"dtype": image_storage, "shape": shape, "names": ["height", "width", "channel"]},
-            "action": {"dtype": "float32", "shape": [ACTION_DIM], "names": {"motors": list(BRIDGE_ACTION_NAMES)}},
-            "timestamp": {"dtype": "float32", "shape": [1], "names": None},
-            "frame_index": {"dtype": "int64", "shape": [1], "names": None},
-            "episode_index": {"dtype": "int64", "shape": [1], "names": None},
-            "index": {"dtype": "int64", "shape": [1], "names": None},
-            "task_index": {"dtype": "int64", "shape": [1], "names": None},
-        }
-        if image_storage == "video":
-            features[image_key]["info"] = {"video.fps": fps, "video.height": shape[0], "video.width": shape[1],
-                                           "video.channels": 3, "video.codec": codec, "video.pix_fmt": "yuv420p"}
-        info: dict[str, Any] = {
-            "codebase_version": version, "robot_type": robot_type, "total_episodes": len(eps),
-            "total_frames": offset, "total_tasks": len(tasks), "chunks_size": 1000, "fps": fps,
-            "splits": {"train": f"0:{len(eps)}"}, "features": features,
-        }
-        all_actions = np.concatenate([ep.actions for ep in eps])
-        if version == "v2.1":
-            info.update({
-                "total_videos": len(eps) if image_storage == "video" else 0, "total_chunks": 1,
-                "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-                "video_path": ("videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
-                               if image_storage == "video" else None),
-            })
-            _write_jsonl(tmp / "meta/episodes.jsonl", [{k: v for k, v in m.items() if k != "_stats"} for m in ep_meta])
-            _write_jsonl(tmp / "meta/tasks.jsonl", [{"task_index": i, "task": t} for t, i in tasks.items()])
-            _write_jsonl(tmp / "meta/episodes_stats.jsonl",
-                         [{"episode_index": m["episode_index"], "stats": {"action": m["_stats"]}} for m in ep_meta])
-        else:
-            info.update({
-                "data_files_size_in_mb": 100, "video_files_size_in_mb": 500,
-                "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-                "video_path": ("videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-                               if image_storage == "video" else None),
-            })
-            pq.write_table(pa.concat_tables(data_rows), _mkparent(tmp / "data/chunk-000/file-000.parquet"))
-            if image_storage == "video":
-                _encode_video(tmp / f"videos/{image_key}/chunk-000/file-000.mp4", all_frames, fps, codec)
-            rows = [{k: v for k, v in m.items() if k != "_stats"} for m in ep_meta]
-            pq.write_table(pa.Table.from_pylist(rows), _mkparent(tmp / "meta/episodes/chunk-000/file-000.parquet"))
-            pq.write_table(pa.table({"task_index": pa.array(list(tasks.values()), pa.int64()),
-                                     "task": pa.array(list(tasks), pa.string())}),
-                           _mkparent(tmp / "meta/tasks.parquet"))
-        stats = {"action": _action_stats(all_actions)}
-        _mkparent(tmp / "meta/info.json").write_text(json.dumps(info, indent=2) + "\n")
-        (tmp / "meta/stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
-
-
-def _mkparent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    _mkparent(path).write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from refinevla_core.data.rosbag import BagRecording, make_typestore
+from refinevla_core.data.bag_storage import BagRecording, make_typestore
 
 TYPESTORE = make_typestore()
 T = TYPESTORE.types

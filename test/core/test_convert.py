@@ -15,9 +15,9 @@ import pytest
 
 from refinevla_core.data import convert
 from refinevla_core.data.episode_dataset import EpisodeDataset
-from refinevla_core.data.lerobot import write_lerobot_dataset
 from refinevla_core.data.stats import load_dataset_stats
 from test.core.bagutil import delta, demo_timeline, frame_rgb, image, write_bag
+from test.core.lerobot_writer import write_lerobot_dataset
 from test.core.test_lerobot import make_episodes
 
 ROOT = Path(__file__).resolve().parents[2]

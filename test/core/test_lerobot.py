@@ -1,6 +1,7 @@
 """LeRobot datasets (v2.1 and v3.0 layouts, mp4 video or in-parquet images) -> Episodes, on small datasets written
-here with pyarrow and PyAV by refinevla's own LeRobot writer, then edited with the same libraries where a test
-needs a dataset the writer would refuse to produce (joint actions, NaN, several cameras, a task change)."""
+with pyarrow and PyAV by the tests' LeRobot writer (test/core/lerobot_writer.py), then edited with the same libraries
+where a test needs a dataset the writer would refuse to produce (joint actions, NaN, several cameras, a task
+change)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,9 @@ import pytest
 
 from refinevla_core.config import load_config
 from refinevla_core.data.episode import DataError, Episode
-from refinevla_core.data.lerobot import (
-    LeRobotConfig,
-    LeRobotReader,
-    check_action_layout,
-    gripper_from_bridge,
-    gripper_to_bridge,
-    write_lerobot_dataset,
-)
+from refinevla_core.data.lerobot import LeRobotConfig, LeRobotReader, check_action_layout
+from refinevla_core.gripper import from_bridge, to_bridge
+from test.core.lerobot_writer import write_lerobot_dataset
 
 
 def smooth_image(k: int, h: int = 24, w: int = 32) -> np.ndarray:
@@ -124,7 +120,7 @@ def test_gripper_conventions_convert_to_bridge(tmp_path):
     assert_same_frames(got, want, exact_images=True)
     g = np.array([0.0, 0.25, 1.0])
     for conv in ("bridge", "plus_minus_one", "closed_is_one"):
-        np.testing.assert_allclose(gripper_to_bridge(gripper_from_bridge(g, conv), conv), g)
+        np.testing.assert_allclose(to_bridge(from_bridge(g, conv), conv), g)
 
 
 @pytest.mark.parametrize(("names", "ok"), [

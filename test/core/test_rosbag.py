@@ -12,15 +12,10 @@ import numpy as np
 import pytest
 
 from refinevla_core.config import ConfigError, load_config
+from refinevla_core.data.bag_reader import image_msg_to_rgb, read_bag
+from refinevla_core.data.bag_storage import BagRecording, find_msg_dir, make_typestore, salvage_mcap
+from refinevla_core.data.bag_topics import BagTopicsConfig
 from refinevla_core.data.episode import DataError
-from refinevla_core.data.rosbag import (
-    BagRecording,
-    BagTopicsConfig,
-    image_msg_to_rgb,
-    make_typestore,
-    read_bag,
-    salvage_mcap,
-)
 from test.core.bagutil import (
     TYPESTORE,
     S,
@@ -279,7 +274,7 @@ KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     from test.core.bagutil import TOPIC_TYPES, TYPESTORE, demo_timeline
-    from refinevla_core.data.rosbag import BagRecording
+    from refinevla_core.data.bag_storage import BagRecording
     tl = demo_timeline([("pick up the cube", 4), ("put it down", 3)])
     rec = BagRecording(Path(sys.argv[1]), storage=sys.argv[2], typestore=TYPESTORE)
     for topic in dict.fromkeys(tp for _, tp, _ in tl.events):
@@ -371,10 +366,8 @@ def test_config_yaml_matches_the_dataclass_and_rejects_typos(tmp_path):
 
 
 def test_environment_override_for_msg_dir_is_honoured(tmp_path, monkeypatch):
-    from refinevla_core.data import rosbag
-
     monkeypatch.setenv("REFINEVLA_MSG_DIR", str(tmp_path))
-    assert rosbag.find_msg_dir() != tmp_path  # no .msg files there: falls through to the checkout
+    assert find_msg_dir() != tmp_path  # no .msg files there: falls through to the checkout
     for p in (ROOT / "msg").glob("*.msg"):
         (tmp_path / p.name).write_text(p.read_text())
-    assert rosbag.find_msg_dir() == tmp_path
+    assert find_msg_dir() == tmp_path

@@ -21,8 +21,8 @@ from std_msgs.msg import Float64, Header, String
 
 from refinevla.msg import Action, EndEffectorDelta
 from refinevla_core.data import convert
+from refinevla_core.data.bag_storage import open_bag
 from refinevla_core.data.episode_dataset import EpisodeDataset
-from refinevla_core.data.rosbag import open_bag
 from refinevla_ros.conversions import delta_to_msg, rgb_to_image
 from refinevla_ros.observation_check_node import INSTRUCTION_QOS
 from test.core.test_ros_free import BLOCK_ROS
@@ -211,7 +211,7 @@ def test_rosbags_and_rclpy_agree_on_our_types(msgtype, tmp_path):
     """rclpy serializes, rosbags deserializes (what recording does): the values survive."""
     from rclpy.serialization import serialize_message
 
-    from refinevla_core.data.rosbag import make_typestore
+    from refinevla_core.data.bag_storage import make_typestore
 
     if msgtype.endswith("Image"):
         msg = rgb_to_image(frame_rgb(1))
