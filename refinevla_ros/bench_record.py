@@ -47,7 +47,8 @@ def _one_run(args: argparse.Namespace, storage: str, reliable: bool, work: Path)
     from std_msgs.msg import Float64, String
 
     from refinevla.msg import EndEffectorDelta
-    from refinevla_core.data.rosbag import open_bag, read_bag
+    from refinevla_core.data.bag_reader import read_bag
+    from refinevla_core.data.bag_storage import open_bag
     from refinevla_ros.conversions import rgb_to_image
     from refinevla_ros.observation_check_node import INSTRUCTION_QOS
 
