@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from refinevla_core.annotation.config import AnnotationConfig
 from refinevla_core.annotation.store import STORE_FILENAME, AnnotationKey, AnnotationStore
@@ -302,8 +303,6 @@ def annotate_dataset(
     log: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Annotate the shard's frames of `dataset` with `teacher`, store every reply, and export. See the module doc."""
-    from tqdm import tqdm
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     started = time.monotonic()
     ds = open_dataset(dataset)
@@ -315,44 +314,13 @@ def annotate_dataset(
     summary = RunSummary(dataset=str(ds.root), dataset_id=dataset_id, store=str(store_path), teacher=teacher.name,
                          prompt_hash=teacher.prompt_hash, shard=str(shard), episodes=len(plan.episodes),
                          frames=sum(plan.lengths.values()))
-    requests_before = getattr(teacher, "http_requests", None)
-    retries_before = Counter(getattr(teacher, "retry_reasons", {}))
+    traffic = _HttpTraffic.before(teacher)
     with AnnotationStore(store_path) as store:
         store.check_episodes(dataset_id, plan.digests)
-        status = store.statuses(key, plan.episodes)
-        todo: dict[int, list[int]] = {}
-        for e in plan.episodes:
-            for f in range(0, plan.lengths[e], config.every_k):
-                summary.scheduled += 1
-                s = status.get((e, f))
-                if s == "done":
-                    summary.cached += 1
-                elif s == "failed" and not retry_failed:
-                    summary.failed_skipped += 1
-                else:
-                    todo.setdefault(e, []).append(f)
-        bar = tqdm(total=summary.scheduled, initial=summary.cached + summary.failed_skipped, unit="frame",
-                   desc=f"annotate [{teacher.name}]", dynamic_ncols=True, smoothing=0.1,
-                   disable=not (sys.stderr.isatty() if progress is None else progress))
-
-        def on_reply(request: FrameRequest, reply: TeacherReply) -> None:
-            store.put(key, request.episode, request.frame, reply.rationale, reply=reply.reply, error=reply.error,
-                      calls=reply.calls, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
-            summary.calls += reply.calls
-            summary.prompt_tokens += reply.prompt_tokens
-            summary.completion_tokens += reply.completion_tokens
-            if reply.ok:
-                summary.done += 1
-            else:
-                summary.failed += 1
-                if len(summary.failures) < 5:
-                    summary.failures.append(f"episode {request.episode} frame {request.frame}: {reply.error}")
-            bar.update(1)
-            bar.set_postfix(failed=summary.failed + summary.failed_skipped,
-                            tokens=summary.prompt_tokens + summary.completion_tokens, refresh=False)
-
+        todo = _schedule(plan, store.statuses(key, plan.episodes), config.every_k, retry_failed, summary)
+        bar = _progress_bar(summary, teacher.name, progress)
         try:
-            _execute(_requests(ds, teacher, todo, config), teacher, on_reply)
+            _execute(_requests(ds, teacher, todo, config), teacher, _reply_recorder(store, key, summary, bar))
         except BaseException:
             bar.close()
             summary.elapsed_s = time.monotonic() - started
@@ -364,11 +332,74 @@ def annotate_dataset(
             written, covered = export_rationales(ds.root, store, key, episodes=plan.episodes, lengths=plan.lengths,
                                                  every_k=config.every_k)
             summary.exported_rows, summary.frames_with_rationale = written, covered
-    if requests_before is not None:  # an HTTP teacher: what this run sent, as the server saw it
-        summary.http_requests = teacher.http_requests - requests_before
-        summary.retries = dict(Counter(teacher.retry_reasons) - retries_before)
+    traffic.since(teacher, summary)
     summary.elapsed_s = time.monotonic() - started
     return summary
+
+
+def _schedule(plan: _Plan, status: dict[tuple[int, int], str], every_k: int, retry_failed: bool,
+              summary: RunSummary) -> dict[int, list[int]]:
+    """Frames 0, k, 2k, ... of each episode that the store does not hold yet (failed ones only with retry_failed),
+    counting scheduled, cached and skipped frames into `summary`."""
+    todo: dict[int, list[int]] = {}
+    for e in plan.episodes:
+        for f in range(0, plan.lengths[e], every_k):
+            summary.scheduled += 1
+            s = status.get((e, f))
+            if s == "done":
+                summary.cached += 1
+            elif s == "failed" and not retry_failed:
+                summary.failed_skipped += 1
+            else:
+                todo.setdefault(e, []).append(f)
+    return todo
+
+
+def _progress_bar(summary: RunSummary, teacher_name: str, progress: bool | None) -> tqdm:
+    """Frames asked about, starting at what the store already holds; shown on a terminal unless told otherwise."""
+    return tqdm(total=summary.scheduled, initial=summary.cached + summary.failed_skipped, unit="frame",
+                desc=f"annotate [{teacher_name}]", dynamic_ncols=True, smoothing=0.1,
+                disable=not (sys.stderr.isatty() if progress is None else progress))
+
+
+def _reply_recorder(store: AnnotationStore, key: AnnotationKey, summary: RunSummary,
+                    bar: tqdm) -> Callable[[FrameRequest, TeacherReply], None]:
+    """The callback that stores each reply the moment it arrives, counts it and moves the bar."""
+
+    def on_reply(request: FrameRequest, reply: TeacherReply) -> None:
+        store.put(key, request.episode, request.frame, reply.rationale, reply=reply.reply, error=reply.error,
+                  calls=reply.calls, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
+        summary.calls += reply.calls
+        summary.prompt_tokens += reply.prompt_tokens
+        summary.completion_tokens += reply.completion_tokens
+        if reply.ok:
+            summary.done += 1
+        else:
+            summary.failed += 1
+            if len(summary.failures) < 5:
+                summary.failures.append(f"episode {request.episode} frame {request.frame}: {reply.error}")
+        bar.update(1)
+        bar.set_postfix(failed=summary.failed + summary.failed_skipped,
+                        tokens=summary.prompt_tokens + summary.completion_tokens, refresh=False)
+
+    return on_reply
+
+
+@dataclass(frozen=True)
+class _HttpTraffic:
+    """An HTTP teacher's request and retry counters before the run, to report what this run sent."""
+
+    requests: int | None
+    retries: Counter[str]
+
+    @classmethod
+    def before(cls, teacher: Teacher) -> _HttpTraffic:
+        return cls(getattr(teacher, "http_requests", None), Counter(getattr(teacher, "retry_reasons", {})))
+
+    def since(self, teacher: Teacher, summary: RunSummary) -> None:
+        if self.requests is not None:  # an HTTP teacher: what this run sent, as the server saw it
+            summary.http_requests = teacher.http_requests - self.requests
+            summary.retries = dict(Counter(teacher.retry_reasons) - self.retries)
 
 
 def carried_rationales(store_rationales: dict[tuple[int, int], Rationale], episode: int, length: int,
