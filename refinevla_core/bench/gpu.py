@@ -109,7 +109,7 @@ def _inference(family: str, preset: str, model: Any, bench: Bench) -> list[dict[
                                                    max_rationale_tokens=args.max_rationale_tokens))]
     for name, config in modes:
         if family == "pi0":
-            from refinevla_core.model.pi0.policy_pi0 import Pi0Policy
+            from refinevla_core.inference.policy_pi0 import Pi0Policy
 
             policy: Any = Pi0Policy(model, config)
         else:

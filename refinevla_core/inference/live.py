@@ -84,6 +84,12 @@ class LiveRationales:
         self._ready: CachedRationale | None = None  # async: a finished refresh, swapped in at the next step
         self._last_start = -(10**9)
 
+    @property
+    def latest(self) -> CachedRationale | None:
+        """The rationale in use (fed to the next action in rationale_then_action order)."""
+        with self._lock:
+            return self._latest
+
     def reset(self) -> None:
         """A new episode: stop any background generation at its next token and forget every rationale."""
         with self._lock:

@@ -32,28 +32,22 @@ import torch
 from refinevla_core.config import ConfigError
 from refinevla_core.inference.config import PolicyConfig, RationaleMode  # noqa: F401  (re-exported)
 from refinevla_core.inference.live import CachedRationale, LiveRationales
+from refinevla_core.inference.policy_base import (  # noqa: F401  (parse_generated_rationale: re-exported)
+    CheckpointPolicy,
+    finite_action,
+    loading_config,
+    parse_generated_rationale,
+)
+from refinevla_core.inference.policy_pi0 import Pi0Policy
 from refinevla_core.inference.types import PolicyOutput
-from refinevla_core.rationale import Rationale, RationaleError, parse_rationale
 
 
-def parse_generated_rationale(text: str) -> Rationale | None:
-    """The four-section Rationale of generated text, or None when it does not parse (the text is kept anyway)."""
-    try:
-        return parse_rationale(text)
-    except RationaleError:
-        return None
-
-
-class Policy:
+class Policy(CheckpointPolicy):
     """A loaded ReFineVLA model with rationale caching. Build with `Policy.from_checkpoint(path)`."""
 
     def __init__(self, model: Any, config: PolicyConfig | None = None) -> None:
-        self.model = model
-        self.config = config or PolicyConfig()
-        if model.stats is None:
-            raise ConfigError("the model has no action statistics; load it from a checkpoint (stats.json)")
+        super().__init__(model, config)
         self._cache: dict[int, CachedRationale] = {}
-        self._step = 0
         self._last_instruction = ""
         mode = self.config.rationale_mode
         if mode == "streaming" and self.target_order != "action_then_rationale":
@@ -63,30 +57,11 @@ class Policy:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", config: PolicyConfig | None = None) -> Policy:
-        from refinevla_core.model.checkpoint import load_checkpoint
-
-        config = config or PolicyConfig()
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
-        model = load_checkpoint(path, device=device, dtype=config.dtype or None, verify=config.verify)
+        config = loading_config(config)
+        model = cls.load_model(path, device, config)
         if getattr(model, "family", None) == "pi0":  # action chunks: executed and re-planned by Pi0Policy
-            from refinevla_core.model.pi0.policy_pi0 import Pi0Policy
-
             return Pi0Policy(model, config)  # type: ignore[return-value]
         return cls(model, config)
-
-    @property
-    def target_order(self) -> str:
-        return self.model.refinevla_config.target_order
-
-    @property
-    def stats(self) -> Any:
-        return self.model.stats
-
-    @property
-    def step(self) -> int:
-        """Steps predicted since the last reset()."""
-        return self._step
 
     def reset(self) -> None:
         """A new episode: forget cached rationales, restart the step count (and the sampling seed sequence)."""
@@ -99,6 +74,12 @@ class Policy:
         """Stop background rationale work (streaming / async); the policy is not used afterwards."""
         if self._live is not None:
             self._live.close()
+
+    def cached_rationale(self, row: int = 0) -> CachedRationale | None:
+        """The rationale row `row` currently reuses (streaming / async: the live stream's), or None."""
+        if self._live is not None:
+            return self._live.latest
+        return self._cache.get(row)
 
     def wait_background(self, timeout_s: float = 60.0) -> bool:
         """streaming / async: wait until no rationale is being written in the background (tests, benchmarks)."""
@@ -122,10 +103,7 @@ class Policy:
 
     def action_of(self, bins: np.ndarray) -> np.ndarray:
         """Action bins -> the un-normalised float32[7] action; never passes on a non-finite one."""
-        action = self.model.processor.decode_actions(bins)
-        if not np.isfinite(action).all():  # cannot happen with bin centres; never pass it on if it does
-            raise RuntimeError(f"the decoded action {action} is not finite; refusing to return it")
-        return action.astype(np.float32)
+        return finite_action(self.model.processor.decode_actions(bins))
 
     def action_of_ids(self, ids: Sequence[int]) -> np.ndarray:
         """7 generated action token ids -> the action (streaming reads them before generate returns)."""

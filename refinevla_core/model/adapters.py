@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from refinevla_core.inference.types import PolicyOutput
 from refinevla_core.model.processor_refinevla import check_image
+from refinevla_core.policy_types import PolicyOutput
 
 SPATIALVLA_DEFAULT = "IPEC-COMMUNITY/spatialvla-4b-224-pt"
 OPENVLA_DEFAULT = "openvla/openvla-7b"

@@ -13,17 +13,23 @@ checkpoints stay loadable by plain transformers, peft/accelerate work unchanged,
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from refinevla_core.data.stats import ActionStats
-from refinevla_core.model.configuration_refinevla import RefineVLAConfig
-from refinevla_core.model.processor_refinevla import ACTION_DIM, IGNORE_INDEX, RefineVLAProcessor
+from refinevla_core.data.episode import DataError
+from refinevla_core.data.stats import STATS_FILENAME, ActionStats
+from refinevla_core.model.backbone import base_unavailable_message, build_processor, paligemma_config
+from refinevla_core.model.checkpoint_format import CheckpointError, Verify, verify_checkpoint
+from refinevla_core.model.checkpoint_refinevla import save_refinevla_checkpoint
+from refinevla_core.model.configuration_refinevla import REFINEVLA_CONFIG_NAME, RefineVLAConfig
+from refinevla_core.model.processor_refinevla import ACTION_DIM, IGNORE_INDEX, ProcessorError, RefineVLAProcessor
 
 Plan = Literal["action", "rationale_then_action", "action_then_rationale"]
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "position_ids")
@@ -211,7 +217,6 @@ class RefineVLA(torch.nn.Module):
         """A model for `config`: random init (offline tokenizer) or the pretrained base with the new tokens added."""
         from transformers import PaliGemmaForConditionalGeneration
 
-        from refinevla_core.model.presets import base_unavailable_message, build_processor, paligemma_config
 
         processor = RefineVLAProcessor(build_processor(config), config)
         lay = processor.layout
@@ -316,17 +321,68 @@ class RefineVLA(torch.nn.Module):
 
     # ---- persistence ------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: Any, extra_files: dict[str, Any] | None = None) -> Any:
-        from refinevla_core.model.checkpoint import save_checkpoint
-
+        """A checkpoint folder (refinevla_core.model.checkpoint) of this model, its processor and statistics."""
         if self.stats is None:
             raise ModelError("the model has no action statistics; set them with processor.set_action_stats(stats)")
-        return save_checkpoint(directory, self.vlm, self.processor, self.stats, self.refinevla_config, extra_files)
+        return save_refinevla_checkpoint(directory, self.vlm, self.processor, self.stats, self.refinevla_config,
+                                         extra_files)
 
     @classmethod
-    def from_pretrained(cls, directory: Any, device: str | torch.device = "cpu", **kwargs: Any) -> RefineVLA:
-        from refinevla_core.model.checkpoint import load_checkpoint
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: str | None = None,
+        verify: Verify = "auto",
+        attn_implementation: str | None = None,
+    ) -> RefineVLA:
+        """Load a RefineVLA (model, processor, config, statistics) from a folder written by save_pretrained /
+        save_checkpoint: the manifest is verified first, then that tokenizer, weights and token layout agree."""
+        from transformers import PaliGemmaForConditionalGeneration
 
-        return load_checkpoint(directory, device=device, **kwargs)
+        directory = Path(directory)
+        verify_checkpoint(directory, verify)
+        try:
+            config = RefineVLAConfig.from_dict(json.loads((directory / REFINEVLA_CONFIG_NAME).read_text()),
+                                               where=str(directory / REFINEVLA_CONFIG_NAME))
+        except (OSError, json.JSONDecodeError, ValueError) as e:
+            raise CheckpointError(f"{directory / REFINEVLA_CONFIG_NAME} is unreadable ({e})") from e
+        try:
+            stats = ActionStats.load(directory / STATS_FILENAME)
+        except DataError as e:
+            raise CheckpointError(f"checkpoint {directory}: {e}") from e
+        hf_config = json.loads((directory / "config.json").read_text())
+        if hf_config.get("model_type") != "paligemma":
+            raise CheckpointError(
+                f"{directory} holds a {hf_config.get('model_type')!r} model, not a ReFineVLA (PaliGemma) checkpoint; "
+                "SpatialVLA/OpenVLA checkpoints load through refinevla_core.model.adapters with trust_remote_code=True"
+            )
+        try:
+            processor = RefineVLAProcessor.from_pretrained(directory, config, stats)
+        except (OSError, ValueError, ProcessorError) as e:
+            raise CheckpointError(f"the tokenizer/processor files of {directory} are unusable ({e})") from e
+        torch_dtype = DTYPES[dtype or config.dtype]
+        try:
+            vlm, info = PaliGemmaForConditionalGeneration.from_pretrained(
+                str(directory), use_safetensors=True, dtype=torch_dtype, local_files_only=True,
+                attn_implementation=attn_implementation or config.attn_implementation, output_loading_info=True,
+            )
+        except Exception as e:  # safetensors/torch raise many types for damaged or mismatched weights
+            raise CheckpointError(
+                f"the weights in {directory} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                "they are damaged or not safetensors — copy the checkpoint again or re-save it with save_checkpoint"
+            ) from e
+        missing = [k for k in info.get("missing_keys", []) if not k.startswith("lm_head")]
+        if missing or info.get("mismatched_keys"):
+            raise CheckpointError(
+                f"the weights in {directory} do not fit config.json: missing {missing[:5]}, mismatched "
+                f"{list(info.get('mismatched_keys', []))[:5]}; the weights and config come from different models"
+            )
+        vlm.eval().to(device)
+        try:
+            return cls(vlm, processor, config, stats)
+        except ModelError as e:
+            raise CheckpointError(f"checkpoint {directory}: {e}") from e
 
 
 def check_model_fits_processor(vlm: Any, processor: RefineVLAProcessor, config: RefineVLAConfig) -> None:

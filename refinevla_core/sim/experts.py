@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from refinevla_core.policy_types import PolicyOutput
+
 MAX_STEP_M = 0.1  # ManiSkill's per-step limit (larger deltas are clipped by the controller anyway)
 MAX_ROT_RAD = 0.1
 CUBE_HALF_M = 0.02
@@ -218,8 +220,6 @@ class ScriptedExpertPolicy:
     def reset(self) -> None:
         """Stateless: nothing to clear."""
 
-    def predict(self, image: np.ndarray, instruction: str) -> Any:
-        from refinevla_core.inference.types import PolicyOutput
-
+    def predict(self, image: np.ndarray, instruction: str) -> PolicyOutput:
         phase, action = expert_step(self.state_fn())
         return PolicyOutput(action=action.astype(np.float32), rationale_text=f"scripted expert, phase: {phase}")

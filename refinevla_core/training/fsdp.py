@@ -42,7 +42,8 @@ def prepare_fsdp(accelerator: Any, config: Any) -> Any:
             plugin.set_mixed_precision(accelerator.mixed_precision)
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate records its own choice
+        # as accelerate records its own choice
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # noqa: SLF001, RUF100
     if is_fsdp(accelerator) and config.lora.enabled:
         raise ConfigError("lora.enabled is not supported with FSDP (adapters are merged on whole weights); LoRA "
                           "trains little enough for DDP: launch with `accelerate launch --multi_gpu` instead")

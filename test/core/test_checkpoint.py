@@ -14,7 +14,7 @@ from refinevla_core.data.stats import ActionStats
 from refinevla_core.model.checkpoint import (
     MANIFEST_NAME,
     CheckpointError,
-    _sha256,
+    file_sha256,
     load_checkpoint,
     save_checkpoint,
 )
@@ -42,7 +42,7 @@ def copy_checkpoint(src, dst):
 def rewrite_manifest(path):
     """What a careless user does after swapping files in: make the manifest agree, so the deeper checks run."""
     manifest = json.loads((path / MANIFEST_NAME).read_text())
-    manifest["files"] = {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    manifest["files"] = {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                          for p in sorted(path.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
 

@@ -16,10 +16,10 @@ from refinevla_core.config import ConfigError
 from refinevla_core.data.stats import ActionStats
 from refinevla_core.inference.config import PolicyConfig
 from refinevla_core.inference.policy import Policy
+from refinevla_core.inference.policy_pi0 import Pi0Policy
 from refinevla_core.model.checkpoint import CheckpointError, load_checkpoint
 from refinevla_core.model.pi0.configuration_pi0 import RefineVLAPi0Config
 from refinevla_core.model.pi0.modeling_pi0 import Pi0ModelError, RefineVLAPi0
-from refinevla_core.model.pi0.policy_pi0 import Pi0Policy
 from refinevla_core.model.presets import load_preset
 from refinevla_core.training.config import CONFIG_DIR, load_train_config
 from refinevla_core.training.trainer import Trainer
@@ -105,7 +105,7 @@ def test_rationale_term_is_the_tied_embedding_cross_entropy_and_the_masks_hold(t
     draw = fixed_noise(batch)
     with torch.no_grad():
         out = cot(**batch, lambda_rationale=0.5, **draw)
-        hidden = cot._prefix_pass(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+        hidden = cot.prefix_pass(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                   batch["pixel_attention_mask"], batch["token_type_ids"]).last_hidden_state
     mask = batch["rationale_mask"][:, 1:]
     logits = hidden[:, :-1][mask] @ cot.vlm.model.vlm.get_input_embeddings().weight.T
@@ -118,7 +118,7 @@ def test_rationale_term_is_the_tied_embedding_cross_entropy_and_the_masks_hold(t
     changed = {k: v.clone() for k, v in batch.items()}
     changed["input_ids"][0, positions[-2]] = 400
     with torch.no_grad():
-        other = cot._prefix_pass(changed["input_ids"], changed["attention_mask"], changed["pixel_values"],
+        other = cot.prefix_pass(changed["input_ids"], changed["attention_mask"], changed["pixel_values"],
                                  changed["pixel_attention_mask"], changed["token_type_ids"]).last_hidden_state
     diff = (other - hidden).abs().amax(-1)[0]
     assert float(diff[: positions[-2]].max()) == 0.0 and float(diff[positions[-2]]) > 0
@@ -148,9 +148,9 @@ def test_cached_greedy_rationale_matches_teacher_forcing_and_chunks_are_seeded(t
         ids = torch.cat([batch["input_ids"], torch.tensor([g.rationale_ids])], dim=1)
         types = torch.cat([batch["token_type_ids"], torch.ones((1, len(g.rationale_ids)), dtype=torch.long)], dim=1)
         with torch.no_grad():
-            hidden = cot._prefix_pass(ids, torch.ones_like(ids), batch["pixel_values"],
+            hidden = cot.prefix_pass(ids, torch.ones_like(ids), batch["pixel_values"],
                                       batch["pixel_attention_mask"], types).last_hidden_state
-        logits = cot._rationale_logits(hidden[0, -len(g.rationale_ids) - 1 : -2])
+        logits = cot.rationale_logits(hidden[0, -len(g.rationale_ids) - 1 : -2])
         logits[:, [cot.processor.image_token_id, cot.processor.pad_id, cot.processor.bos_id]] = float("-inf")
         assert logits.argmax(-1).tolist() == g.rationale_ids[:-1]
     again = cot.generate(images[:1], instructions[:1], plan="action", seed=5)[0].chunk
@@ -264,7 +264,7 @@ def test_train_checkpoint_policy_in_both_orders(dataset, tmp_path, order):
     assert all(o.action.shape == (7,) and np.isfinite(o.action).all() for o in outputs)
     # the rationale written at step 0 is carried (and, in chain-of-thought order, fed) until the next one at step 3
     assert outputs[1].rationale_text == outputs[2].rationale_text == outputs[0].rationale_text
-    assert policy._rows[0].rationale_ids and policy._rows[0].rationale_ids[-1] == policy.model.processor.eos_id
+    assert policy.rows[0].rationale_ids and policy.rows[0].rationale_ids[-1] == policy.model.processor.eos_id
     policy.reset()
     assert policy.step == 0 and policy.predict(np.zeros((64, 64, 3), np.uint8), "push").timings_ms["chunk_index"] == 0
 

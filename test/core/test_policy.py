@@ -83,7 +83,7 @@ def test_every_n_feeds_the_cached_rationale_as_a_prefix(checkpoint):
     fresh = [policy.predict(image, INSTRUCTION) for _ in range(4)]
     assert [o.rationale_fresh for o in fresh] == [True, False, False, True]
     assert fresh[1].rationale_text == fresh[0].rationale_text
-    cached_ids = policy._cache[0].ids
+    cached_ids = policy.cached_rationale(0).ids
     (expected,) = policy.model.generate([image], [INSTRUCTION], plan="action", fed_rationales=[cached_ids])
     np.testing.assert_array_equal(fresh[2].action, policy.model.processor.decode_actions(expected.action_bins))
     # a new instruction or a new episode makes the rationale due again
@@ -176,7 +176,8 @@ def test_async_feeds_the_cached_rationale_and_swaps_in_a_fresh_one():
         assert first.rationale == RATIONALE and first.rationale_fresh and first.rationale_age_steps == 0
         second = policy.predict(image, INSTRUCTION)  # conditioned on the cache; a refresh starts on this image
         assert second.rationale == RATIONALE and not second.rationale_fresh and second.rationale_age_steps == 1
-        (expected,) = vla.generate([image], [INSTRUCTION], plan="action", fed_rationales=[policy._live._latest.ids])
+        fed = [policy.cached_rationale().ids]
+        (expected,) = vla.generate([image], [INSTRUCTION], plan="action", fed_rationales=fed)
         np.testing.assert_array_equal(second.action, vla.processor.decode_actions(expected.action_bins))
         assert (np.abs(second.action - TARGET_ACTION) <= half_bin).all()
         assert policy.wait_background(60)

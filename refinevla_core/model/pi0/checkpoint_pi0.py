@@ -17,19 +17,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from refinevla_core.data.episode import DataError
 from refinevla_core.data.stats import STATS_FILENAME, ActionStats
-from refinevla_core.model.checkpoint import (
+from refinevla_core.model.checkpoint_format import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     MANIFEST_NAME,
     CheckpointError,
-    _write_extra,
     checkpoint_files,
     seal_checkpoint,
-    verify_checkpoint,
+    write_extra_file,
 )
 from refinevla_core.model.pi0.configuration_pi0 import PI0_CONFIG_NAME, RefineVLAPi0Config
 
@@ -60,48 +56,10 @@ def save_pi0_checkpoint(  # noqa: PLR0917 (save_checkpoint's positional order)
         for name, content in (extra_files or {}).items():
             if name == PI0_CONFIG_NAME:
                 raise CheckpointError(f"extra file name {name!r} would overwrite a checkpoint file")
-            _write_extra(tmp, name, content)
+            write_extra_file(tmp, name, content)
         seal_checkpoint(tmp, directory, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                                          "family": "pi0", "files": checkpoint_files(tmp)})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-def load_pi0_checkpoint(directory: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
-                        verify: str = "auto") -> Any:
-    """A RefineVLAPi0 from a folder written by save_pi0_checkpoint (manifest verified first)."""
-    from transformers import PI0ForConditionalGeneration
-
-    from refinevla_core.model.pi0.modeling_pi0 import DTYPES, Pi0ModelError, RefineVLAPi0
-    from refinevla_core.model.pi0.processor_pi0 import RefineVLAPi0Processor
-
-    directory = Path(directory)
-    verify_checkpoint(directory, verify)  # type: ignore[arg-type]
-    try:
-        config = RefineVLAPi0Config.from_dict(json.loads((directory / PI0_CONFIG_NAME).read_text()),
-                                              where=str(directory / PI0_CONFIG_NAME))
-        stats = ActionStats.load(directory / STATS_FILENAME)
-    except (OSError, json.JSONDecodeError, ValueError, DataError) as e:
-        raise CheckpointError(f"checkpoint {directory}: {e}") from e
-    try:
-        processor = RefineVLAPi0Processor.from_pretrained(directory, config, stats)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"the tokenizer/processor files of {directory} are unusable ({e})") from e
-    try:
-        vlm, info = PI0ForConditionalGeneration.from_pretrained(
-            str(directory), use_safetensors=True, dtype=DTYPES[dtype or config.dtype], local_files_only=True,
-            attn_implementation=config.attn_implementation, output_loading_info=True)
-    except Exception as e:  # safetensors/torch raise many types for damaged or mismatched weights
-        raise CheckpointError(f"the π0 weights in {directory} cannot be loaded ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300]}); copy the checkpoint again") from e
-    if info.get("missing_keys") or info.get("mismatched_keys"):
-        raise CheckpointError(f"the weights in {directory} do not fit config.json: missing "
-                              f"{list(info.get('missing_keys', []))[:5]}, mismatched "
-                              f"{list(info.get('mismatched_keys', []))[:5]}")
-    vlm.eval().to(device)
-    try:
-        return RefineVLAPi0(vlm, processor, config, stats)
-    except Pi0ModelError as e:
-        raise CheckpointError(f"checkpoint {directory}: {e}") from e

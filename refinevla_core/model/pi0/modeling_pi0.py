@@ -16,6 +16,7 @@ that cache; with action_then_rationale the chunk is sampled first and the ration
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,8 +27,11 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from refinevla_core.data.stats import ActionStats
-from refinevla_core.model.pi0.configuration_pi0 import RefineVLAPi0Config
+from refinevla_core.data.episode import DataError
+from refinevla_core.data.stats import STATS_FILENAME, ActionStats
+from refinevla_core.model.checkpoint_format import CheckpointError, Verify, verify_checkpoint
+from refinevla_core.model.pi0.checkpoint_pi0 import save_pi0_checkpoint
+from refinevla_core.model.pi0.configuration_pi0 import PI0_CONFIG_NAME, RefineVLAPi0Config
 from refinevla_core.model.pi0.processor_pi0 import ACTION_DIM, RefineVLAPi0Processor, build_hf_processor
 from refinevla_core.training.loss import JointLoss
 
@@ -83,7 +87,7 @@ def pi0_hf_config(config: RefineVLAPi0Config, vocab_len: int, image_token_id: in
         dit_config=gemma(expert), chunk_size=config.chunk_size, max_state_dim=config.max_state_dim,
         max_action_dim=config.max_action_dim, num_inference_steps=config.num_inference_steps,
     )
-    hf._attn_implementation = config.attn_implementation
+    hf._attn_implementation = config.attn_implementation  # noqa: SLF001, RUF100 (transformers: no public setter)
     return hf
 
 
@@ -234,7 +238,7 @@ class RefineVLAPi0(torch.nn.Module):
         return cls(vlm.eval(), processor, config)
 
     # ---- the two passes ---------------------------------------------------------------------------------------
-    def _prefix_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+    def prefix_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                      pixel_attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> Any:
         """The VLM over the prefix (+ rationale): last hidden states and the KV cache the expert attends to."""
         pi0 = self.pi0.model
@@ -250,7 +254,8 @@ class RefineVLAPi0(torch.nn.Module):
                        attention_mask=dit_attention_mask, cache=cache)
         return out.logits
 
-    def _rationale_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def rationale_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of VLM hidden states (tied embedding matrix)."""
         return hidden @ self.embedding_matrix().to(hidden.dtype).T
 
     # ---- training ---------------------------------------------------------------------------------------------
@@ -259,7 +264,7 @@ class RefineVLAPi0(torch.nn.Module):
         """The joint loss on a `processor.training_batch` (see the module docstring)."""
         device = self.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        out = self._prefix_pass(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+        out = self.prefix_pass(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                 batch["pixel_attention_mask"], batch["token_type_ids"])
         actions = batch["actions"].float()
         n = actions.shape[0]
@@ -284,7 +289,7 @@ class RefineVLAPi0(torch.nn.Module):
         if n_rat:
             grad = lambda_rationale > 0
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-                rationale_logits = self._rationale_logits(hidden if grad else hidden.detach()).float()
+                rationale_logits = self.rationale_logits(hidden if grad else hidden.detach()).float()
                 labels = batch["input_ids"][:, 1:][mask]
                 rationale = functional.cross_entropy(rationale_logits, labels)
             correct = int((rationale_logits.detach().argmax(-1) == labels).sum())
@@ -304,7 +309,7 @@ class RefineVLAPi0(torch.nn.Module):
         n = attention_mask.shape[0]
         ids: list[list[int]] = [[] for _ in range(n)]
         done = torch.zeros(n, dtype=torch.bool, device=attention_mask.device)
-        logits = self._rationale_logits(last_hidden).float()
+        logits = self.rationale_logits(last_hidden).float()
         for step in range(max_tokens):
             logits[:, banned] = float("-inf")
             token = logits.argmax(-1)
@@ -320,7 +325,7 @@ class RefineVLAPi0(torch.nn.Module):
                                      position_ids=attention_mask.cumsum(-1)[:, -1:] - 1, cache=cache, use_cache=True)
             if bool(done.all()):
                 break
-            logits = self._rationale_logits(out.last_hidden_state[:, -1]).float()
+            logits = self.rationale_logits(out.last_hidden_state[:, -1]).float()
         complete = [bool(r) and r[-1] == proc.eos_id and len(r) < max_tokens for r in ids]
         return ids, complete, attention_mask
 
@@ -371,7 +376,7 @@ class RefineVLAPi0(torch.nn.Module):
         preprocess_s = time.perf_counter() - t0
         generator = torch.Generator().manual_seed(seed)
         max_r = int(max_rationale_tokens or self.refinevla_config.max_rationale_tokens)
-        out = self._prefix_pass(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+        out = self.prefix_pass(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                 inputs["pixel_attention_mask"])
         cache, mask = out.cache, inputs["attention_mask"]
         rationale_ids: list[list[int]] = [[] for _ in images]
@@ -391,7 +396,40 @@ class RefineVLAPi0(torch.nn.Module):
 
     # ---- persistence ------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: Any, extra_files: dict[str, Any] | None = None) -> Any:
-        from refinevla_core.model.pi0.checkpoint_pi0 import save_pi0_checkpoint
-
         return save_pi0_checkpoint(directory, self.vlm, self.processor, self.stats, self.refinevla_config,
                                    extra_files)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
+                        verify: Verify = "auto") -> RefineVLAPi0:
+        """A RefineVLAPi0 from a folder written by save_pi0_checkpoint (manifest verified first)."""
+        from transformers import PI0ForConditionalGeneration
+
+        directory = Path(directory)
+        verify_checkpoint(directory, verify)
+        try:
+            config = RefineVLAPi0Config.from_dict(json.loads((directory / PI0_CONFIG_NAME).read_text()),
+                                                  where=str(directory / PI0_CONFIG_NAME))
+            stats = ActionStats.load(directory / STATS_FILENAME)
+        except (OSError, json.JSONDecodeError, ValueError, DataError) as e:
+            raise CheckpointError(f"checkpoint {directory}: {e}") from e
+        try:
+            processor = RefineVLAPi0Processor.from_pretrained(directory, config, stats)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"the tokenizer/processor files of {directory} are unusable ({e})") from e
+        try:
+            vlm, info = PI0ForConditionalGeneration.from_pretrained(
+                str(directory), use_safetensors=True, dtype=DTYPES[dtype or config.dtype], local_files_only=True,
+                attn_implementation=config.attn_implementation, output_loading_info=True)
+        except Exception as e:  # safetensors/torch raise many types for damaged or mismatched weights
+            raise CheckpointError(f"the π0 weights in {directory} cannot be loaded ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:300]}); copy the checkpoint again") from e
+        if info.get("missing_keys") or info.get("mismatched_keys"):
+            raise CheckpointError(f"the weights in {directory} do not fit config.json: missing "
+                                  f"{list(info.get('missing_keys', []))[:5]}, mismatched "
+                                  f"{list(info.get('mismatched_keys', []))[:5]}")
+        vlm.eval().to(device)
+        try:
+            return cls(vlm, processor, config, stats)
+        except Pi0ModelError as e:
+            raise CheckpointError(f"checkpoint {directory}: {e}") from e

@@ -23,6 +23,7 @@ import torch
 
 from refinevla_core.data.episode import DataError
 from refinevla_core.data.stats import ActionStats
+from refinevla_core.model.backbone import train_offline_tokenizer
 from refinevla_core.model.pi0.configuration_pi0 import RefineVLAPi0Config
 from refinevla_core.model.processor_refinevla import _water_fill
 from refinevla_core.rationale import Rationale, RationaleError, parse_rationale
@@ -47,8 +48,6 @@ def build_hf_processor(config: RefineVLAPi0Config, image_size: int = 224, patch_
 
     base = config.base
     if base.source == "random":
-        from refinevla_core.model.presets import train_offline_tokenizer
-
         tokenizer = train_offline_tokenizer(base.tokenizer_vocab_size)
         size, tokens = base.vision.image_size, base.vision.num_image_tokens
     else:

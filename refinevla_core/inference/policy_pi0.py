@@ -19,11 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from refinevla_core.config import ConfigError
 from refinevla_core.inference.config import PolicyConfig
+from refinevla_core.inference.policy_base import (
+    CheckpointPolicy,
+    finite_action,
+    loading_config,
+    parse_generated_rationale,
+)
 from refinevla_core.inference.types import PolicyOutput
+from refinevla_core.model.pi0.modeling_pi0 import RefineVLAPi0
 
 SUPPORTED_MODES = ("action_only", "every_step", "every_n")
 
@@ -39,51 +45,36 @@ class _RowState:
     rationale_step: int = -1  # policy step the rationale was written at
 
 
-class Pi0Policy:
+class Pi0Policy(CheckpointPolicy):
     """A loaded RefineVLAPi0 with chunked execution and rationale caching."""
 
     def __init__(self, model: Any, config: PolicyConfig | None = None, replan_every: int | None = None) -> None:
-        self.model = model
-        self.config = config or PolicyConfig()
-        if self.config.rationale_mode not in SUPPORTED_MODES:
-            raise ConfigError(f"rationale_mode {self.config.rationale_mode!r} is not available for π0 checkpoints; "
+        config = config or PolicyConfig()
+        if config.rationale_mode not in SUPPORTED_MODES:
+            raise ConfigError(f"rationale_mode {config.rationale_mode!r} is not available for π0 checkpoints; "
                               f"use one of {list(SUPPORTED_MODES)}")
-        if model.stats is None:
-            raise ConfigError("the π0 model has no action statistics; load it from a checkpoint (stats.json)")
+        super().__init__(model, config, what="the π0 model")
         chunk = model.refinevla_config.chunk_size
         self.replan_every = int(replan_every or self.config.execute_steps or model.refinevla_config.replan_every)
         if not 1 <= self.replan_every <= chunk:
             raise ConfigError(f"replan_every must be in 1..chunk_size={chunk}, got {self.replan_every}")
-        self._rows: dict[int, _RowState] = {}
-        self._step = 0
+        self.rows: dict[int, _RowState] = {}  # row i = environment i: its chunk, position and rationale
         self.plans = 0  # chunks sampled since construction (what re-planning costs)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", config: PolicyConfig | None = None,
                         replan_every: int | None = None) -> Pi0Policy:
-        from refinevla_core.model.pi0.checkpoint_pi0 import load_pi0_checkpoint
+        config = loading_config(config)
+        return cls(cls.load_model(path, device, config), config, replan_every)
 
-        config = config or PolicyConfig()
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
-        model = load_pi0_checkpoint(path, device=device, dtype=config.dtype or None, verify=config.verify)
-        return cls(model, config, replan_every)
-
-    @property
-    def target_order(self) -> str:
-        return self.model.refinevla_config.target_order
-
-    @property
-    def stats(self) -> Any:
-        return self.model.stats
-
-    @property
-    def step(self) -> int:
-        return self._step
+    @staticmethod
+    def load_model(path: str | Path, device: str, config: PolicyConfig) -> Any:
+        """A π0 checkpoint's RefineVLAPi0 (a PaliGemma-family folder is refused by its missing π0 config)."""
+        return RefineVLAPi0.from_pretrained(path, device=device, dtype=config.dtype or None, verify=config.verify)
 
     def reset(self) -> None:
         """A new episode: drop the chunks and rationales in flight."""
-        self._rows.clear()
+        self.rows.clear()
         self._step = 0
 
     def predict(self, image: np.ndarray, instruction: str) -> PolicyOutput:
@@ -109,7 +100,7 @@ class Pi0Policy:
         order = self.target_order
         groups: dict[str, list[int]] = {}
         for i, ins in enumerate(instructions):
-            row = self._rows.get(i)
+            row = self.rows.get(i)
             due = self._rationale_due(row, ins)
             if due or self._plan_due(row, ins):
                 groups.setdefault(order if due else "action", []).append(i)
@@ -118,14 +109,12 @@ class Pi0Policy:
             self._plan(plan, rows, images, instructions, timings)
         outputs = []
         for i in range(len(instructions)):
-            row = self._rows[i]
-            action = row.chunk[row.executed]
-            if not np.isfinite(action).all():  # cannot happen after clipping; never pass it on if it does
-                raise RuntimeError(f"the decoded action {action} is not finite; refusing to return it")
+            row = self.rows[i]
+            action = finite_action(row.chunk[row.executed])
             fresh = row.rationale_step == self._step
             keep = self.config.rationale_mode != "action_only" and row.rationale_ids is not None
             tm = {**timings.get(i, {}), "chunk_index": float(row.executed)}
-            outputs.append(PolicyOutput(action=action.astype(np.float32), rationale=row.rationale if keep else None,
+            outputs.append(PolicyOutput(action=action, rationale=row.rationale if keep else None,
                                         rationale_text=row.rationale_text if keep else "", rationale_fresh=fresh,
                                         timings_ms=tm))
             row.executed += 1
@@ -137,20 +126,18 @@ class Pi0Policy:
 
     def _plan(self, plan: str, rows: list[int], images: list[np.ndarray], instructions: list[str],
               timings: dict[int, dict[str, float]]) -> None:
-        from refinevla_core.inference.policy import parse_generated_rationale
-
         fed = None
         if plan == "action" and self.target_order == "rationale_then_action" and \
                 self.config.rationale_mode != "action_only":
-            fed = [self._rows[i].rationale_ids or [] if i in self._rows and
-                   self._rows[i].instruction == instructions[i] else [] for i in rows]
+            fed = [self.rows[i].rationale_ids or [] if i in self.rows and
+                   self.rows[i].instruction == instructions[i] else [] for i in rows]
         generated = self.model.generate(
             [images[i] for i in rows], [instructions[i] for i in rows], plan=plan, fed_rationales=fed,
             max_rationale_tokens=self.config.max_rationale_tokens or None,
             seed=self.config.seed * 1_000_003 + self._step)
         self.plans += 1
         for i, g in zip(rows, generated, strict=True):
-            old = self._rows.get(i)
+            old = self.rows.get(i)
             state = _RowState(instructions[i], self.model.processor.decode_actions(g.chunk))
             if plan != "action":
                 text = self.model.processor.decode_text(g.rationale_ids)
@@ -159,6 +146,6 @@ class Pi0Policy:
             elif old is not None and old.instruction == instructions[i]:
                 state.rationale_ids, state.rationale_text = old.rationale_ids, old.rationale_text
                 state.rationale, state.rationale_step = old.rationale, old.rationale_step
-            self._rows[i] = state
+            self.rows[i] = state
             timings[i] = {"preprocess": g.preprocess_s * 1e3, "generate": g.generate_s * 1e3,
                           "action": g.action_ready_s * 1e3}
