@@ -30,6 +30,16 @@ NODE_SCRIPTS = [
     for name in ("policy", "sim_bridge", "widowx", "observation_check")
 ] + ["refinevla-topic = refinevla_ros.topic_cli:main"]
 
+# What the ROS package adds to the ROS-free `refinevla` command (refinevla_core.plugins reads these groups, so
+# refinevla_core never names refinevla_ros): subcommands, benchmarks, the `eval --via ros*` backend, the demo's lanes.
+ROS_PLUGINS = {
+    "refinevla.commands": ["record = refinevla_ros.record"],
+    "refinevla.benches": ["ros = refinevla_ros.bench", "sim = refinevla_ros.bench_sim",
+                          "record = refinevla_ros.bench_record"],
+    "refinevla.eval_backends": ["ros = refinevla_ros.sim_eval_client:evaluate_via_ros"],
+    "refinevla.demo_lanes": ["ros = refinevla_ros.demo_eval"],
+}
+
 setup(
     name="refinevla",
     version="0.1.0",
@@ -64,5 +74,5 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.8", "tensorboardX>=2.6"],
     },
     cmdclass={"build_py": BuildWithPresets},
-    entry_points={"console_scripts": ["refinevla = refinevla_core.cli:main", *NODE_SCRIPTS]},
+    entry_points={"console_scripts": ["refinevla = refinevla_core.cli:main", *NODE_SCRIPTS], **ROS_PLUGINS},
 )

@@ -1,8 +1,9 @@
 """The `refinevla` command: one subcommand per pipeline stage, each a thin wrapper around a core module.
 
 Every subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``, so stages are
-added without touching this file's logic. A stage that is not built yet says so and exits non-zero: nothing here
-pretends to work.
+added without touching this file's logic. Commands that need ROS 2 come from the ROS package through the
+`refinevla.commands` entry points (refinevla_core.plugins), so this ROS-free library never names it. A stage that is
+not built (or not installed) yet says so and exits non-zero: nothing here pretends to work.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from refinevla_core import __version__
+from refinevla_core.plugins import COMMANDS, plugin_module
 
 EXIT_NOT_BUILT = 3
 
@@ -25,6 +27,13 @@ class Subcommand:
     module: str
     help: str
     issue: int  # the project issue that builds it; named in the "not built yet" message
+    plugin: str = ""  # set: the module is the `refinevla.commands` entry point of this name (the ROS package's)
+
+    def resolve(self) -> str | None:
+        """The module implementing the command, when it is installed (not imported here)."""
+        if self.plugin:
+            return plugin_module(COMMANDS, self.plugin)
+        return self.module if _module_exists(self.module) else None
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -35,7 +44,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "eval": Subcommand("refinevla_core.eval.cli", "closed-loop evaluation with success rates and a report", 8),
     "attention": Subcommand("refinevla_core.attention_cli", "attention map of action tokens over image patches", 5),
     "demo": Subcommand("refinevla_core.demo", "collect -> annotate -> train -> evaluate -> report, end to end", 9),
-    "record": Subcommand("refinevla_ros.record", "record camera, instruction and actions from ROS 2 to a bag", 9),
+    "record": Subcommand("", "record camera, instruction and actions from ROS 2 to a bag", 9, plugin="record"),
     "bench": Subcommand("refinevla_core.bench", "benchmarks writing JSON + Markdown under benchmarks/", 3),
 }
 
@@ -96,10 +105,24 @@ def _selected_command(argv: Sequence[str]) -> str | None:
     return None
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that tells which options and subcommands it knows (argparse keeps both private), for the
+    "unknown option, did you mean" check. Its subparsers are Parsers too."""
+
+    def known_options(self) -> list[str]:
+        return list(self._option_string_actions)
+
+    def subcommands(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if action.nargs == argparse.PARSER:
+                return dict(action.choices or {})
+        return {}
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only `command`'s module is imported (for its arguments), so `refinevla --help` stays fast
     and one stage's broken import cannot take the other stages down with it."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="refinevla",
         description="ReFineVLA: teacher rationales, selective-transfer fine-tuning, VLA inference, ROS 2 and sim.",
         epilog=TOP_LEVEL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -107,25 +130,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"refinevla {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, spec in SUBCOMMANDS.items():
-        built = _module_exists(spec.module)
+        module = spec.resolve()
+        built = module is not None
         p = sub.add_parser(
             name,
             help=spec.help if built else f"{spec.help} [not built yet: issue #{spec.issue}]",
             description=spec.help,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        if built and name == command:
-            importlib.import_module(spec.module).add_arguments(p)
+        if module is not None and name == command:
+            importlib.import_module(module).add_arguments(p)
             if not p.epilog and name in EXAMPLES:
                 p.epilog = "examples:\n" + EXAMPLES[name]
     return parser
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
+    return parser.subcommands() if isinstance(parser, Parser) else {}
 
 
 def unknown_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.ArgumentParser, str] | None:
@@ -137,7 +158,7 @@ def unknown_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tupl
             return None
         if token.startswith("-") and len(token) > 1 and not token[1].isdigit():
             option = token.split("=", 1)[0]
-            known = current._option_string_actions
+            known = current.known_options() if isinstance(current, Parser) else []
             if option not in known and not (option.startswith("--") and any(k.startswith(option) for k in known)):
                 return current, option
         elif token in _subparsers(current):
@@ -146,14 +167,15 @@ def unknown_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tupl
 
 
 def _did_you_mean(option: str, parser: argparse.ArgumentParser) -> str:
-    close = difflib.get_close_matches(option, [o for o in parser._option_string_actions if o.startswith("--")], n=1)
+    known = parser.known_options() if isinstance(parser, Parser) else []
+    close = difflib.get_close_matches(option, [o for o in known if o.startswith("--")], n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_selected_command(argv))
-    if _selected_command(argv) in SUBCOMMANDS and _module_exists(SUBCOMMANDS[_selected_command(argv)].module):
+    if _selected_command(argv) in SUBCOMMANDS and SUBCOMMANDS[_selected_command(argv)].resolve():
         bad = unknown_option(parser, argv)
         if bad is not None:
             owner, option = bad
@@ -163,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     spec = SUBCOMMANDS[args.command]
-    if not _module_exists(spec.module):
+    module = spec.resolve()
+    if module is None:
         print(
             f"refinevla {args.command}: not built yet (planned in issue #{spec.issue}); "
             "nothing was run.",
@@ -172,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NOT_BUILT
     if unknown:
         _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    return int(importlib.import_module(spec.module).run(args) or 0)
+    return int(importlib.import_module(module).run(args) or 0)
 
 
 if __name__ == "__main__":

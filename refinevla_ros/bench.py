@@ -25,17 +25,15 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import random
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from refinevla_ros.harness.processes import NodeProcess, node_command, private_domain, use_loopback_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTION = "put the spoon on the towel"
@@ -96,128 +94,88 @@ def _rss_mib(pid: int) -> float:
     return float("nan")
 
 
-class _NodeUnderTest:
+def _policy_node(checkpoint: Path, args: argparse.Namespace, control_hz: float, env: dict[str, str], log: Path,
+                 **overrides: Any) -> NodeProcess:
     """policy_node in its own process on a private ROS domain (the bench publishes camera and instruction topics:
     it must never reach a real robot's graph)."""
-
-    def __init__(self, checkpoint: Path, args: argparse.Namespace, control_hz: float, env: dict[str, str],
-                 log: Path, **overrides: Any) -> None:
-        params = {"checkpoint": str(checkpoint), "device": args.device, "control_rate_hz": float(control_hz),
-                  "image_timeout_s": 60.0, "policy.rationale_mode": args.rationale_mode,
-                  "policy.torch_threads": args.threads, **overrides}
-        cmd = [sys.executable, "-m", "refinevla_ros.policy_node", "--ros-args"]
-        for k, v in params.items():
-            cmd += ["-p", f"{k}:={v}"]
-        self.log = log
-        self._out = log.open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"policy_node exited ({self.proc.returncode}):\n{self.output()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._out.close()
+    params = {"checkpoint": str(checkpoint), "device": args.device, "control_rate_hz": float(control_hz),
+              "image_timeout_s": 60.0, "policy.rationale_mode": args.rationale_mode,
+              "policy.torch_threads": args.threads, **overrides}
+    return NodeProcess(node_command("refinevla_ros.policy_node", params), log, name="policy_node", env=env, cwd=ROOT)
 
 
 class _Peer:
     """Camera + instruction publisher and EE delta / Action subscriber in this process."""
 
     def __init__(self, domain_id: int) -> None:
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
         from sensor_msgs.msg import Image
         from std_msgs.msg import String
 
         from refinevla.msg import Action, EndEffectorDelta
         from refinevla.msg import Rationale as RationaleMsg
-        from refinevla_ros.topics import INSTRUCTION_QOS
+        from refinevla_ros import topics
+        from refinevla_ros.harness.session import RosSession
 
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.node = rclpy.create_node("bench_ros_peer", context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.camera = self.node.create_publisher(Image, "/camera/image_raw", 10)
-        self.instruction = self.node.create_publisher(String, "/refinevla/instruction", INSTRUCTION_QOS)
+        self.session = RosSession("bench_ros_peer", domain_id)
+        self.node, self.executor = self.session.node, self.session.executor
+        self.camera = self.node.create_publisher(Image, topics.IMAGE_TOPIC, topics.RELIABLE_CAMERA_QOS)
+        self.instruction = self.node.create_publisher(String, topics.INSTRUCTION_TOPIC, topics.INSTRUCTION_QOS)
         self.delta_at: dict[int, float] = {}  # image stamp (ns) -> receive time
         self.actions: list[tuple[float, Any]] = []
         self.rationales: list[tuple[float, Any]] = []
-        self.node.create_subscription(EndEffectorDelta, "/refinevla/ee_delta", self._on_delta, 100)
-        self.node.create_subscription(Action, "/refinevla/action", self._on_action, 100)
-        self.node.create_subscription(RationaleMsg, "/refinevla/rationale_structured",
-                                      lambda m: self.rationales.append((time.perf_counter(), m)), 100)
+        self.node.create_subscription(EndEffectorDelta, topics.EE_DELTA_TOPIC, self._on_delta, topics.MONITOR_QOS)
+        self.node.create_subscription(Action, topics.ACTION_TOPIC, self._on_action, topics.MONITOR_QOS)
+        self.node.create_subscription(RationaleMsg, topics.RATIONALE_STRUCTURED_TOPIC,
+                                      lambda m: self.rationales.append((time.perf_counter(), m)), topics.MONITOR_QOS)
         self.instruction.publish(String(data=INSTRUCTION))
 
-    @staticmethod
-    def stamp_ns(stamp: Any) -> int:
-        return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
     def _on_delta(self, msg: Any) -> None:
-        self.delta_at.setdefault(self.stamp_ns(msg.header.stamp), time.perf_counter())
+        from refinevla_ros.conversions import stamp_to_ns
+
+        self.delta_at.setdefault(stamp_to_ns(msg.header.stamp), time.perf_counter())
 
     def _on_action(self, msg: Any) -> None:
         self.actions.append((time.perf_counter(), msg))
 
     def spin_until(self, predicate: Any, timeout: float) -> bool:
-        deadline = time.perf_counter() + timeout
-        while (left := deadline - time.perf_counter()) > 0:
-            # blocks until a message arrives (no busy wait: the node under test needs the CPU)
-            self.executor.spin_once(timeout_sec=min(0.1, left))
-            if predicate():
-                return True
-        return predicate()
+        # blocks until a message arrives (no busy wait: the node under test needs the CPU)
+        return bool(self.session.wait(predicate, timeout, poll_s=0.1))
 
     def close(self) -> None:
-        import rclpy
-
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
+        self.session.close()
 
 
 def _image_msg(rgb: np.ndarray, stamp_ns: int) -> Any:
-    from builtin_interfaces.msg import Time
-
-    from refinevla_ros.conversions import rgb_to_image
+    from refinevla_ros.conversions import ns_to_time, rgb_to_image
 
     msg = rgb_to_image(rgb)
-    msg.header.stamp = Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
+    msg.header.stamp = ns_to_time(stamp_ns)
     return msg
 
 
-def _ros_round_trip(peer: _Peer, node: _NodeUnderTest, rgb: np.ndarray, stamp_ns: int
+def _ros_round_trip(peer: _Peer, node: NodeProcess, rgb: np.ndarray, stamp_ns: int
                     ) -> tuple[float, float] | None:
     """Publish one image and wait for the (non-hold) EE delta computed from it: (seconds, the node's own predict
     time in ms from Action.inference_latency_ms), or None if no motion came back."""
+    from refinevla_ros.conversions import stamp_to_ns
+
     published = time.perf_counter()
     peer.camera.publish(_image_msg(rgb, stamp_ns))
 
     def answered() -> bool:
-        return stamp_ns in peer.delta_at and any(peer.stamp_ns(a.header.stamp) == stamp_ns for _, a in
+        return stamp_ns in peer.delta_at and any(stamp_to_ns(a.header.stamp) == stamp_ns for _, a in
                                                  peer.actions[-5:])
 
     if not peer.spin_until(answered, 30.0):
-        node.check_alive()
+        node.check()
         return None
-    action = next(a for _, a in reversed(peer.actions) if peer.stamp_ns(a.header.stamp) == stamp_ns)
+    action = next(a for _, a in reversed(peer.actions) if stamp_to_ns(a.header.stamp) == stamp_ns)
     if action.safe_hold:
         return None
     return peer.delta_at[stamp_ns] - published, float(action.inference_latency_ms)
 
 
-def _latency_phase(args: argparse.Namespace, policy: Any, peer: _Peer, node: _NodeUnderTest) -> dict[str, Any]:
+def _latency_phase(args: argparse.Namespace, policy: Any, peer: _Peer, node: NodeProcess) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8)
     stamp = 1_000_000_000
@@ -251,15 +209,17 @@ def _latency_phase(args: argparse.Namespace, policy: Any, peer: _Peer, node: _No
     return {"bare_ms": bare, "ros_ms": ros, "node_predict_ms": inner, "lost": lost}
 
 
-def _camera_phase(args: argparse.Namespace, peer: _Peer, node: _NodeUnderTest, seconds: float,
+def _camera_phase(args: argparse.Namespace, peer: _Peer, node: NodeProcess, seconds: float,
                   rss_every_s: float | None = None) -> dict[str, Any]:
+    from refinevla_ros.conversions import stamp_to_ns
+
     rng = np.random.default_rng(1)
     frames = [rng.integers(0, 255, (args.camera_height, args.camera_width, 3), dtype=np.uint8) for _ in range(4)]
     messages = [_image_msg(f, 0) for f in frames]
     period = 1.0 / args.camera_hz
     published_at: dict[int, float] = {}
     first_action = len(peer.actions)
-    start_cpu, start_rss = _cpu_seconds(node.proc.pid), _rss_mib(node.proc.pid)
+    start_cpu, start_rss = _cpu_seconds(node.pid), _rss_mib(node.pid)
     rss_samples = [(0.0, start_rss)]
     t0 = time.perf_counter()
     next_frame, next_rss, i = t0, t0 + (rss_every_s or float("inf")), 0
@@ -274,15 +234,15 @@ def _camera_phase(args: argparse.Namespace, peer: _Peer, node: _NodeUnderTest, s
             i += 1
             next_frame += period
         if now >= next_rss:
-            rss_samples.append((now - t0, _rss_mib(node.proc.pid)))
+            rss_samples.append((now - t0, _rss_mib(node.pid)))
             next_rss += rss_every_s
         peer.executor.spin_once(timeout_sec=max(0.0, min(next_frame, next_rss) - time.perf_counter()))
     wall = time.perf_counter() - t0
-    cpu = _cpu_seconds(node.proc.pid) - start_cpu
-    end_rss = _rss_mib(node.proc.pid)
-    node.check_alive()
-    ages = [(t, (t - published_at[peer.stamp_ns(a.header.stamp)]) * 1e3) for t, a in peer.actions[first_action:]
-            if not a.safe_hold and peer.stamp_ns(a.header.stamp) in published_at]
+    cpu = _cpu_seconds(node.pid) - start_cpu
+    end_rss = _rss_mib(node.pid)
+    node.check()
+    ages = [(t, (t - published_at[stamp_to_ns(a.header.stamp)]) * 1e3) for t, a in peer.actions[first_action:]
+            if not a.safe_hold and stamp_to_ns(a.header.stamp) in published_at]
     third = max(1, len(ages) // 3)
     early = statistics.median(a for _, a in ages[:third]) if ages else float("nan")
     late = statistics.median(a for _, a in ages[-third:]) if ages else float("nan")
@@ -357,14 +317,14 @@ def _mode_image_timeout(args: argparse.Namespace) -> float:
 def _mode_run(args: argparse.Namespace, peer: _Peer, env: dict[str, str], log: Path, *, checkpoint: Path,
               mode: str) -> dict[str, Any]:
     """One policy_node in `mode` under the camera phase: what control it achieved and what rationales it wrote."""
-    node = _NodeUnderTest(checkpoint, args, args.mode_hz, env, log, **{
+    node = _policy_node(checkpoint, args, args.mode_hz, env, log, **{
         "policy.rationale_mode": mode, "policy.rationale_every_n": args.mode_every_n,
         "image_timeout_s": _mode_image_timeout(args)})
     try:
-        if not peer.spin_until(lambda: node.proc.poll() is not None or "active: control" in node.output()
+        if not peer.spin_until(lambda: not node.alive() or "active: control" in node.output()
                                or "autostart failed" in node.output(), 120) or "autostart failed" in node.output():
             return {"mode": mode, "skipped": node.output().split("configure failed")[-1][:300].strip()}
-        node.check_alive()
+        node.check()
         # warm-up, not measured: discovery, the first (allocating) steps, the episode's first rationale
         _camera_phase(args, peer, node, max(4.0, 3.0 / args.mode_hz))
         first_action, first_rationale = len(peer.actions), len(peer.rationales)
@@ -453,6 +413,82 @@ def _mode_rows(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
     return rows
 
 
+def _private_env(args: argparse.Namespace) -> dict[str, str]:
+    """A private ROS domain (nothing here reaches a robot's graph) and loopback DDS, here and for the node."""
+    domain_id = private_domain(150, 230)
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain_id), "OMP_NUM_THREADS": str(args.threads)}
+    use_loopback_profile(env)
+    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
+    return env
+
+
+def _camera_runs(args: argparse.Namespace, checkpoint: Path, peer: _Peer, env: dict[str, str], work: Path
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The camera phase (and the optional soak) on one policy_node at --control-hz."""
+    node = _policy_node(checkpoint, args, args.control_hz, env, work / "policy_node_camera.log")
+    try:
+        if not peer.spin_until(lambda: not node.alive() or "active: control" in node.output(), 120):
+            raise RuntimeError(f"policy_node did not start:\n{node.output()[-3000:]}")
+        node.check()
+        peer.spin_until(lambda: False, 2.0)  # discovery, first predictions
+        cam = _camera_phase(args, peer, node, args.camera_seconds)
+        soak = (_camera_phase(args, peer, node, args.soak_minutes * 60.0, rss_every_s=30.0)
+                if args.soak_minutes > 0 else None)
+    finally:
+        node.stop()
+    return cam, soak
+
+
+def _camera_rows(args: argparse.Namespace, name: str, cam: dict[str, Any], soak: dict[str, Any] | None,
+                 model_cores: float) -> list[dict[str, Any]]:
+    rows = [
+        {"measure": f"{name}: CPU cores, {args.camera_hz:g} Hz camera {args.camera_width}x"
+                    f"{args.camera_height} + {args.control_hz:g} Hz control", "ros": cam["cores"],
+         "baseline": model_cores, "ratio": cam["cores"] / model_cores,
+         "note": f"baseline = {args.control_hz:g} x CPU of one bare predict"},
+        {"measure": f"{name}: decision age (image published -> action received), median ms, last vs first "
+                    "third", "ros": cam["age_late_ms"], "baseline": cam["age_early_ms"],
+         "ratio": cam["age_late_ms"] / cam["age_early_ms"],
+         "note": f"{cam['actions']} actions from {cam['images']} images in {cam['wall_s']:.0f} s; "
+                 "<= 1 = no queue growth"},
+        {"measure": f"{name}: policy_node RSS MiB, end vs start of the camera phase",
+         "ros": cam["rss_end_mib"], "baseline": cam["rss_start_mib"],
+         "ratio": cam["rss_end_mib"] / cam["rss_start_mib"], "note": ""},
+    ]
+    if soak is not None:
+        peak = max(r for _, r in soak["rss_samples"])
+        rows.append({"measure": f"soak {args.soak_minutes:g} min: RSS MiB end vs start", "ros": soak["rss_end_mib"],
+                     "baseline": soak["rss_start_mib"], "ratio": soak["rss_end_mib"] / soak["rss_start_mib"],
+                     "note": f"peak {peak:.0f} MiB; decision age late/early {soak['age_late_ms']:.0f}/"
+                             f"{soak['age_early_ms']:.0f} ms"})
+    return rows
+
+
+def _summary(args: argparse.Namespace, latency: dict[str, dict[str, Any]], name: str, cam: dict[str, Any],
+             model_cores: float) -> str:
+    parts = []
+    for model, lat in latency.items():
+        bare_med, ros_med = statistics.median(lat["bare_ms"]), statistics.median(lat["ros_ms"])
+        ratio = ros_med / bare_med
+        plumbing = statistics.median(r - n for r, n in zip(lat["ros_ms"], lat["node_predict_ms"], strict=True))
+        parts.append(f"{model}: {ros_med:.1f} ms vs predict {bare_med:.1f} ms = {ratio:.3f}x "
+                     f"({'meets' if ratio <= GOAL_RATIO else 'misses'} the {GOAL_RATIO}x goal), of which ROS "
+                     f"plumbing {plumbing:.1f} ms")
+    return (
+        f"policy_node in its own process over loopback DDS vs bare Policy.predict on the same checkpoint in this "
+        f"process ({args.rationale_mode}, {args.threads} torch thread(s), {args.device}), "
+        f"{args.image_size}x{args.image_size} rgb8 images one at a time, {args.rounds} interleaved rounds. "
+        f"Median image->delta latency: {'; '.join(parts)}. The plumbing (DDS both ways, wake-up, decoding, guards, "
+        f"publishing) is the ROS cost; the rest of any difference is the model itself running at another speed in "
+        f"the node's process (on a shared machine that varies from run to run). "
+        f"With a {args.camera_hz:g} Hz {args.camera_width}x{args.camera_height} camera and {args.control_hz:g} Hz "
+        f"control ({name}) the node used {cam['cores']:.3f} cores vs {model_cores:.3f} for the model alone "
+        f"({cam['cores'] / model_cores:.2f}x: the rest is receiving {args.camera_hz:g} images/s); decision age "
+        f"{cam['age_early_ms']:.0f} -> {cam['age_late_ms']:.0f} ms from the first to the last third "
+        f"(latest image wins: no queue)."
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # the same thread settings on both sides: without OMP_NUM_THREADS, CPU kernels use more threads than
     # torch.set_num_threads says (the tiny model's predict measured 2x slower here)
@@ -469,90 +505,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         names = [p.strip() for p in args.presets.split(",") if p.strip()]
         models = {f"{p} (random init)": _default_checkpoint(p, work) for p in names}
-    domain_id = random.Random(os.getpid()).randint(150, 230)  # private: nothing here reaches a robot's graph
-    env = {**os.environ, "ROS_DOMAIN_ID": str(domain_id), "OMP_NUM_THREADS": str(args.threads)}
-    if os.environ.get("REFINEVLA_FASTDDS_LOOPBACK") and "FASTRTPS_DEFAULT_PROFILES_FILE" not in os.environ:
-        env["FASTRTPS_DEFAULT_PROFILES_FILE"] = os.environ["REFINEVLA_FASTDDS_LOOPBACK"]
-        os.environ["FASTRTPS_DEFAULT_PROFILES_FILE"] = env["FASTRTPS_DEFAULT_PROFILES_FILE"]
-    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
+    env = _private_env(args)
     policy_config = PolicyConfig(rationale_mode=args.rationale_mode, torch_threads=args.threads)
 
+    def load(checkpoint: Path) -> Any:
+        return make_policy(RunnerConfig(checkpoint=str(checkpoint), device=args.device, policy=policy_config))
+
     latency: dict[str, dict[str, Any]] = {}
-    peer = _Peer(domain_id)
+    peer = _Peer(int(env["ROS_DOMAIN_ID"]))
     try:
         for i, (name, checkpoint) in enumerate(models.items()):
-            policy = make_policy(RunnerConfig(checkpoint=str(checkpoint), device=args.device, policy=policy_config))
-            node = _NodeUnderTest(checkpoint, args, 0.0, env, work / f"policy_node_latency_{i}.log")
+            node = _policy_node(checkpoint, args, 0.0, env, work / f"policy_node_latency_{i}.log")
             try:
-                latency[name] = _latency_phase(args, policy, peer, node)
+                latency[name] = _latency_phase(args, load(checkpoint), peer, node)
             finally:
                 node.stop()
         first_name, first_checkpoint = next(iter(models.items()))
-        policy = make_policy(RunnerConfig(checkpoint=str(first_checkpoint), device=args.device,
-                                          policy=policy_config))
-        node = _NodeUnderTest(first_checkpoint, args, args.control_hz, env, work / "policy_node_camera.log")
-        try:
-            if not peer.spin_until(lambda: node.proc.poll() is not None or "active: control" in node.output(), 120):
-                raise RuntimeError(f"policy_node did not start:\n{node.output()[-3000:]}")
-            node.check_alive()
-            peer.spin_until(lambda: False, 2.0)  # discovery, first predictions
-            cam = _camera_phase(args, peer, node, args.camera_seconds)
-            soak = (_camera_phase(args, peer, node, args.soak_minutes * 60.0, rss_every_s=30.0)
-                    if args.soak_minutes > 0 else None)
-        finally:
-            node.stop()
+        policy = load(first_checkpoint)
+        cam, soak = _camera_runs(args, first_checkpoint, peer, env, work)
         mode_runs = _modes_phase(args, peer, env, work)
     finally:
         peer.close()
-    bare_cpu = _bare_cpu_per_predict(policy, args)
-
+    model_cores = args.control_hz * _bare_cpu_per_predict(policy, args)
     table = [row for name, lat in latency.items() for row in _latency_rows(name, lat)]
-    model_cores = args.control_hz * bare_cpu
-    table += [
-        {"measure": f"{first_name}: CPU cores, {args.camera_hz:g} Hz camera {args.camera_width}x"
-                    f"{args.camera_height} + {args.control_hz:g} Hz control", "ros": cam["cores"],
-         "baseline": model_cores, "ratio": cam["cores"] / model_cores,
-         "note": f"baseline = {args.control_hz:g} x CPU of one bare predict"},
-        {"measure": f"{first_name}: decision age (image published -> action received), median ms, last vs first "
-                    "third", "ros": cam["age_late_ms"], "baseline": cam["age_early_ms"],
-         "ratio": cam["age_late_ms"] / cam["age_early_ms"],
-         "note": f"{cam['actions']} actions from {cam['images']} images in {cam['wall_s']:.0f} s; "
-                 "<= 1 = no queue growth"},
-        {"measure": f"{first_name}: policy_node RSS MiB, end vs start of the camera phase",
-         "ros": cam["rss_end_mib"], "baseline": cam["rss_start_mib"],
-         "ratio": cam["rss_end_mib"] / cam["rss_start_mib"], "note": ""},
-    ]
-    if soak is not None:
-        peak = max(r for _, r in soak["rss_samples"])
-        table.append({"measure": f"soak {args.soak_minutes:g} min: RSS MiB end vs start", "ros": soak["rss_end_mib"],
-                      "baseline": soak["rss_start_mib"], "ratio": soak["rss_end_mib"] / soak["rss_start_mib"],
-                      "note": f"peak {peak:.0f} MiB; decision age late/early {soak['age_late_ms']:.0f}/"
-                              f"{soak['age_early_ms']:.0f} ms"})
-    table += _mode_rows(mode_runs, args)
-    parts = []
-    for name, lat in latency.items():
-        bare_med, ros_med = statistics.median(lat["bare_ms"]), statistics.median(lat["ros_ms"])
-        ratio = ros_med / bare_med
-        plumbing = statistics.median(r - n for r, n in zip(lat["ros_ms"], lat["node_predict_ms"], strict=True))
-        parts.append(f"{name}: {ros_med:.1f} ms vs predict {bare_med:.1f} ms = {ratio:.3f}x "
-                     f"({'meets' if ratio <= GOAL_RATIO else 'misses'} the {GOAL_RATIO}x goal), of which ROS "
-                     f"plumbing {plumbing:.1f} ms")
-    summary = (
-        f"policy_node in its own process over loopback DDS vs bare Policy.predict on the same checkpoint in this "
-        f"process ({args.rationale_mode}, {args.threads} torch thread(s), {args.device}), "
-        f"{args.image_size}x{args.image_size} rgb8 images one at a time, {args.rounds} interleaved rounds. "
-        f"Median image->delta latency: {'; '.join(parts)}. The plumbing (DDS both ways, wake-up, decoding, guards, "
-        f"publishing) is the ROS cost; the rest of any difference is the model itself running at another speed in "
-        f"the node's process (on a shared machine that varies from run to run). "
-        f"With a {args.camera_hz:g} Hz {args.camera_width}x{args.camera_height} camera and {args.control_hz:g} Hz "
-        f"control ({first_name}) the node used {cam['cores']:.3f} cores vs {model_cores:.3f} for the model alone "
-        f"({cam['cores'] / model_cores:.2f}x: the rest is receiving {args.camera_hz:g} images/s); decision age "
-        f"{cam['age_early_ms']:.0f} -> {cam['age_late_ms']:.0f} ms from the first to the last third "
-        f"(latest image wins: no queue)."
-    )
+    table += _camera_rows(args, first_name, cam, soak, model_cores) + _mode_rows(mode_runs, args)
     latency_ms = {name: {"ros": lat["ros_ms"], "bare": lat["bare_ms"], "node_predict": lat["node_predict_ms"]}
                   for name, lat in latency.items()}
-    summary += _modes_summary(mode_runs, args)
+    summary = _summary(args, latency, first_name, cam, model_cores) + _modes_summary(mode_runs, args)
     return {"summary": summary, "table": table, "latency_ms": latency_ms, "control_rate": mode_runs,
             "camera_phase": {k: v for k, v in cam.items() if k != "rss_samples"},
             "soak": soak, "args": {k: str(v) for k, v in vars(args).items()}}

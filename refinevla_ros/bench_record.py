@@ -6,7 +6,7 @@ against the baseline of the same run: messages recorded / messages published (1.
 CPU time / wall time while recording (startup excluded), and bag read time per format relative to mcap.
 
     refinevla bench record [--seconds 10] [--width 640 --height 480 --camera-hz 30]
-    python -m refinevla_ros.bench_record      # the same, before `record` is registered in refinevla_core.bench
+    python -m refinevla_ros.bench_record      # the same, without the `refinevla` command
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from refinevla_ros.harness.processes import NodeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,32 +40,24 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _one_run(args: argparse.Namespace, storage: str, reliable: bool, work: Path) -> dict[str, Any]:
-    import rclpy
-    from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+def _publish(args: argparse.Namespace, reliable: bool, recorder: NodeProcess) -> tuple[int, int, float, float]:
+    """Camera at --camera-hz and EE delta + gripper at --action-hz for --seconds, once the recorder subscribed to
+    them: (images, actions, recorder CPU seconds, wall seconds)."""
     from sensor_msgs.msg import Image
     from std_msgs.msg import Float64, String
 
     from refinevla.msg import EndEffectorDelta
-    from refinevla_core.data.bag_reader import read_bag
-    from refinevla_core.data.bag_storage import open_bag
+    from refinevla_ros import topics
     from refinevla_ros.conversions import rgb_to_image
-    from refinevla_ros.observation_check_node import INSTRUCTION_QOS
+    from refinevla_ros.harness.session import RosSession
 
-    bag = work / f"bag-{storage}-{int(reliable)}"
-    recorder = subprocess.Popen([sys.executable, "-m", "refinevla_core", "record", "--out", str(bag), "--format",
-                                 storage], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("bench_record_publisher", context=context)
-    try:
-        camera_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE) if reliable \
-            else qos_profile_sensor_data
-        cam = node.create_publisher(Image, "/camera/image_raw", camera_qos)
-        ee = node.create_publisher(EndEffectorDelta, "/refinevla/ee_delta", 10)
-        grip = node.create_publisher(Float64, "/refinevla/gripper", 10)
-        node.create_publisher(String, "/refinevla/instruction", INSTRUCTION_QOS).publish(
+    with RosSession("bench_record_publisher") as session:
+        node = session.node
+        cam = node.create_publisher(Image, topics.IMAGE_TOPIC,
+                                    topics.RELIABLE_CAMERA_QOS if reliable else topics.CAMERA_QOS)
+        ee = node.create_publisher(EndEffectorDelta, topics.EE_DELTA_TOPIC, topics.COMMAND_QOS)
+        grip = node.create_publisher(Float64, topics.GRIPPER_TOPIC, topics.COMMAND_QOS)
+        node.create_publisher(String, topics.INSTRUCTION_TOPIC, topics.INSTRUCTION_QOS).publish(
             String(data="pick up the cube"))
         deadline = time.monotonic() + 60
         while not all(p.get_subscription_count() for p in (cam, ee, grip)):
@@ -88,13 +80,18 @@ def _one_run(args: argparse.Namespace, storage: str, reliable: bool, work: Path)
                 actions += 1
             images += 1
         time.sleep(1.0)  # let the last messages arrive
-        cpu = _cpu_seconds(recorder.pid) - cpu0
-        wall = time.monotonic() - wall0
-    finally:
-        recorder.send_signal(signal.SIGINT)
-        recorder.wait(60)
-        node.destroy_node()
-        rclpy.shutdown(context=context)
+        return images, actions, _cpu_seconds(recorder.pid) - cpu0, time.monotonic() - wall0
+
+
+def _one_run(args: argparse.Namespace, storage: str, reliable: bool, work: Path) -> dict[str, Any]:
+    from refinevla_core.data.bag_reader import read_bag
+    from refinevla_core.data.bag_storage import open_bag
+    from refinevla_ros import topics
+
+    bag = work / f"bag-{storage}-{int(reliable)}"
+    command = [sys.executable, "-m", "refinevla_core", "record", "--out", str(bag), "--format", storage]
+    with NodeProcess(command, name="refinevla record", cwd=ROOT, stop_timeout_s=60.0) as recorder:
+        images, actions, cpu, wall = _publish(args, reliable, recorder)
     with open_bag(bag) as (reader, _):
         counts = {c.topic: c.msgcount for c in reader.connections}
     start = time.perf_counter()
@@ -104,8 +101,8 @@ def _one_run(args: argparse.Namespace, storage: str, reliable: bool, work: Path)
     shutil.rmtree(bag)
     return {
         "storage": storage, "camera_qos": "reliable" if reliable else "best effort",
-        "images_published": images, "images_recorded_ratio": counts.get("/camera/image_raw", 0) / images,
-        "actions_published": actions, "actions_recorded_ratio": counts.get("/refinevla/ee_delta", 0) / actions,
+        "images_published": images, "images_recorded_ratio": counts.get(topics.IMAGE_TOPIC, 0) / images,
+        "actions_published": actions, "actions_recorded_ratio": counts.get(topics.EE_DELTA_TOPIC, 0) / actions,
         "recorder_cpu_per_wall": cpu / wall, "bag_mb_per_s": size_mb / args.seconds,
         "frames_converted": report.frames, "read_s": read_s,
     }

@@ -64,66 +64,61 @@ def _row(measure: str, times_ms: list[float], **extra: Any) -> dict[str, Any]:
     return row
 
 
+def _bridged_steps(backend: Any, client: Any, episodes: int) -> tuple[list[float], list[float]]:
+    """Raw and bridged step times (ms), alternating step by step with the same expert action on the same seed."""
+    from refinevla_ros.conversions import stamp_to_ns
+
+    raw_ms: list[float] = []
+    bridge_ms: list[float] = []
+    for i in range(episodes):
+        seed = 100 + i
+        backend.reset(seed)
+        _, status = client.start_episode(seed)
+        while not backend.episode.done:
+            # the same expert action, first to the raw simulator, then through the bridge (same trajectory)
+            a = expert_action(backend.privileged_state())
+            t0 = time.perf_counter()
+            backend.step(a)
+            raw_ms.append((time.perf_counter() - t0) * 1000)
+            ns = stamp_to_ns(status.header.stamp)
+            t0 = time.perf_counter()
+            client.send(ns, a)
+            status = client.spin_until(lambda ns=ns, e=status.episode: client.next_status(e, ns), "the next status")
+            new = stamp_to_ns(status.header.stamp)
+            client.spin_until(lambda new=new: client.images.get(new), "the next image")
+            bridge_ms.append((time.perf_counter() - t0) * 1000)
+        if not status.done or status.step != backend.episode.steps:
+            raise RuntimeError(f"seed {seed}: the bridge diverged from the raw simulator "
+                               f"(step {status.step} vs {backend.episode.steps})")
+        client.forget(status.episode)
+    return raw_ms, bridge_ms
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
-
     from refinevla_core.sim.maniskill import ManiSkillBackend
-    from refinevla_ros.sim_bridge_node import stamp_ns
-    from refinevla_ros.sim_eval_client import BridgeClient, bridge_process, episode_of
+    from refinevla_ros.harness.graph import BridgeGraph
 
     sim = SimConfig(task=args.task, image_size=args.image_size)
     table = [_env_row(args.task, size, args.steps) for size in args.sizes]
 
     backend = ManiSkillBackend(sim)
-    raw_ms: list[float] = []
-    bridge_ms: list[float] = []
     log_path = Path(tempfile.mkstemp(prefix="bench-sim-bridge-", suffix=".log")[1])
-    with bridge_process(replace(sim), privileged_state=False, log_path=log_path) as proc:
-        ctx = Context()
-        rclpy.init(context=ctx)
-        node = rclpy.create_node("bench_sim", context=ctx)
-        ex = SingleThreadedExecutor(context=ctx)
-        ex.add_node(node)
-        try:
-            client = BridgeClient(node, ex, timeout_s=120)
-            client.wait_ready()
-            for i in range(args.episodes):
-                seed = 100 + i
-                backend.reset(seed)
-                episode = episode_of(client.reset(seed))
-                status = client.spin_until(lambda e=episode: next(
-                    (s for s in client.statuses if s.episode == e and s.step == 0), None), "the first status")
-                while not backend.episode.done:
-                    # the same expert action, first to the raw simulator, then through the bridge (same trajectory)
-                    a = expert_action(backend.privileged_state())
-                    t0 = time.perf_counter()
-                    backend.step(a)
-                    raw_ms.append((time.perf_counter() - t0) * 1000)
-                    ns = stamp_ns(status.header.stamp)
-                    t0 = time.perf_counter()
-                    client.send(ns, a)
-                    status = client.spin_until(lambda ns=ns, e=episode: next(
-                        (s for s in client.statuses if s.episode == e and stamp_ns(s.header.stamp) > ns), None),
-                        "the next status")
-                    new = stamp_ns(status.header.stamp)
-                    client.spin_until(lambda new=new: client.images.get(new), "the next image")
-                    bridge_ms.append((time.perf_counter() - t0) * 1000)
-                if not status.done or status.step != backend.episode.steps:
-                    raise RuntimeError(f"seed {seed}: the bridge diverged from the raw simulator "
-                                       f"(step {status.step} vs {backend.episode.steps})")
-                client.statuses[:] = client.statuses[-4:]
-        finally:
-            ex.shutdown()
-            node.destroy_node()
-            rclpy.shutdown(context=ctx)
-            backend.close()
-        alive = proc.poll() is None
-    inside = re.search(r"median simulator step ([\d.]+) ms, publish included ([\d.]+) ms", log_path.read_text())
+    try:
+        with BridgeGraph(replace(sim), log_path, node_name="bench_sim", client={"timeout_s": 120}) as graph:
+            graph.client.wait_ready()
+            raw_ms, bridge_ms = _bridged_steps(backend, graph.client, args.episodes)
+            alive = graph.processes["sim_bridge_node"].alive()
+    finally:
+        backend.close()
+    return _result(args, table, raw_ms, bridge_ms, bridge_log=log_path.read_text(), alive=alive)
+
+
+def _result(args: argparse.Namespace, table: list[dict[str, Any]], raw_ms: list[float], bridge_ms: list[float], *,
+            bridge_log: str, alive: bool) -> dict[str, Any]:
+    inside = re.search(r"median simulator step ([\d.]+) ms, publish included ([\d.]+) ms", bridge_log)
     raw, bridged = statistics.median(raw_ms), statistics.median(bridge_ms)
     ratio = bridged / raw
     table.append(_row(f"raw env step {args.task} {args.image_size}px (baseline)", raw_ms))

@@ -7,6 +7,9 @@ QoS, and why:
 - commands (EE deltas, gripper, Action, rationales): reliable, depth 10 — a lost command is a lost step.
 - episode status / simulator state: reliable + transient local — an evaluator that joins late sees the last one.
 - camera: the sensor-data profile (best effort, keep last) — a stale frame is worth nothing; latest wins.
+  RELIABLE_CAMERA_QOS is a camera driver that publishes reliably (many do; benchmarks use it to lose no frame).
+- MONITOR_QOS: a bench or an evaluator listening to every command: reliable with a deep queue, so a busy listener
+  loses nothing.
 """
 
 from __future__ import annotations
@@ -34,3 +37,5 @@ INSTRUCTION_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
 COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 CAMERA_QOS = qos_profile_sensor_data
+RELIABLE_CAMERA_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+MONITOR_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)

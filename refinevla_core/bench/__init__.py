@@ -1,8 +1,10 @@
 """`refinevla bench <what>`: performance measured as ratios against a baseline run in the same process and moment.
 
 Each benchmark is a module `refinevla_core.bench.<what>` with ``add_arguments(parser)`` and ``run(args) -> dict``
-(the result). This module dispatches and writes the result as JSON + Markdown under runs/bench/ (`--out benchmarks`
-updates the committed results), with the machine it ran on, because a ratio without its machine is not a result.
+(the result); the ones that drive ROS 2 nodes come from the ROS package through `refinevla.benches` entry points
+(refinevla_core.plugins). This module dispatches and writes the result as JSON + Markdown under runs/bench/
+(`--out benchmarks` updates the committed results), with the machine it ran on, because a ratio without its machine
+is not a result.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from refinevla_core.io import atomic_write_text
+from refinevla_core.plugins import BENCHES, plugin_module
 
-BENCHMARKS: dict[str, tuple[str, int]] = {
-    # name: (module, issue that builds it)
+BENCHMARKS: dict[str, tuple[str | None, int]] = {
+    # name: (module, or None for the `refinevla.benches` entry point of that name; issue that builds it)
     "annotate": ("refinevla_core.bench.annotate", 4),
     "infer": ("refinevla_core.bench.infer", 5),
     "train": ("refinevla_core.bench.train", 6),
-    "ros": ("refinevla_ros.bench", 7),
-    "sim": ("refinevla_ros.bench_sim", 8),  # drives sim_bridge_node: ROS code, so it lives in refinevla_ros
-    "record": ("refinevla_ros.bench_record", 9),
+    "ros": (None, 7),
+    "sim": (None, 8),  # drives sim_bridge_node: ROS code, so it lives in the ROS package
+    "record": (None, 9),
     "gpu": ("refinevla_core.bench.gpu", 13),  # on CUDA: real sizes in bf16; on CPU: tiny sizes
 }
 
@@ -39,6 +42,14 @@ def _exists(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
+
+
+def benchmark_module(name: str) -> str | None:
+    """The module of benchmark `name` when it is installed (not imported here)."""
+    module, _ = BENCHMARKS[name]
+    if module is None:
+        return plugin_module(BENCHES, name)
+    return module if _exists(module) else None
 
 
 def machine_info() -> dict[str, Any]:
@@ -129,8 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"folder for <benchmark>.json and .md (default: {DEFAULT_OUT}; "
                              "--out benchmarks updates the committed results)")
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", help="what to measure")
-    for name, (module, issue) in BENCHMARKS.items():
-        if _exists(module):
+    for name, (_, issue) in BENCHMARKS.items():
+        module = benchmark_module(name)
+        if module is not None:
             try:
                 mod = importlib.import_module(module)
             except Exception as e:  # one broken benchmark must not hide the others; running it re-raises
@@ -147,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.benchmark:
         print("refinevla bench: name a benchmark: " + ", ".join(BENCHMARKS), file=sys.stderr)
         return 2
-    module, issue = BENCHMARKS[args.benchmark]
-    if not _exists(module):
+    module, issue = benchmark_module(args.benchmark), BENCHMARKS[args.benchmark][1]
+    if module is None:
         print(f"refinevla bench {args.benchmark}: not built yet (planned in issue #{issue}); nothing was run.",
               file=sys.stderr)
         return 3

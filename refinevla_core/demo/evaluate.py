@@ -1,9 +1,10 @@
-"""The demo's evaluation stage: every model closed-loop THROUGH the ROS nodes (refinevla_ros.demo_eval lanes:
-sim_bridge_node + policy_node processes on private ROS domains), and the references in-process on the same seeds —
-the scripted expert (reads the simulator state: shows the task is solvable) and a random policy (a floor).
+"""The demo's evaluation stage: every model closed-loop THROUGH the ROS nodes (lanes: sim_bridge_node + policy_node
+processes on private ROS domains), and the references in-process on the same seeds — the scripted expert (reads the
+simulator state: shows the task is solvable) and a random policy (a floor).
 
-This module never imports ROS: lanes are separate processes (`python -m refinevla_ros.demo_eval --spec ...`), so
-refinevla_core stays usable without rclpy; without ROS the stage fails with a message saying so.
+This module never imports ROS: a lane is a separate process, `python -m LANE_MODULE --spec ...`, where LANE_MODULE
+is the ROS package's `refinevla.demo_lanes` entry point "ros" (refinevla_core.plugins), so refinevla_core stays
+usable without rclpy; without the ROS package the stage fails with a message saying so.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import numpy as np
 from refinevla_core.demo.cache import advance_bar
 from refinevla_core.demo.config import CollectSettings, EvalSettings, ModelSettings
 from refinevla_core.demo.data import child_env
+from refinevla_core.plugins import DEMO_LANES
+from refinevla_core.plugins import require as require_plugin
 
 POLL_S = 1.0
 
@@ -77,11 +80,7 @@ def evaluate_models(models: list[ModelSettings], checkpoints: dict[str, str], co
     and, when asked, the references' summary."""
     from tqdm import tqdm
 
-    try:
-        import refinevla_ros  # noqa: F401  (only checks that the ROS side is installed)
-    except ImportError as e:
-        raise RuntimeError(f"the closed-loop evaluation runs the ROS nodes, but refinevla_ros is not importable "
-                           f"({e}); run ./setup.sh and `source .venv/refinevla_env.sh`") from e
+    lane_module = require_plugin(DEMO_LANES, "ros", "the closed-loop evaluation (it runs the ROS nodes)").module
     eval_dir.mkdir(parents=True, exist_ok=True)
     sim = sim_settings(collect, settings)
     lanes = max(1, min(settings.lanes, len(models)))
@@ -100,7 +99,7 @@ def evaluate_models(models: list[ModelSettings], checkpoints: dict[str, str], co
         spec_path = eval_dir / f"lane_{k}.json"
         spec_path.write_text(json.dumps(spec, indent=1))
         log = (eval_dir / f"lane_{k}.log").open("ab")
-        command, isolation = isolated([sys.executable, "-m", "refinevla_ros.demo_eval", "--spec", str(spec_path)])
+        command, isolation = isolated([sys.executable, "-m", lane_module, "--spec", str(spec_path)])
         log.write(f"[demo] lane {k} runs in {isolation}\n".encode())
         log.flush()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=loopback_env(eval_dir / "ros_logs"))

@@ -1,5 +1,6 @@
 """`refinevla eval`: closed-loop success rates of a checkpoint (or the scripted expert, or a random floor) in the
-simulator, in-process or through the ROS nodes, with a report (JSON, Markdown, HTML, plots, captioned videos).
+simulator, in-process or through the ROS nodes (the ROS package's `refinevla.eval_backends` entry point "ros"), with
+a report (JSON, Markdown, HTML, plots, captioned videos).
 
     refinevla eval --checkpoint runs/ckpt --tasks PushCube-v1 --episodes 30 --seed 1000 --out eval/ckpt
     refinevla eval --policy expert --tasks PushCube-v1 PickCube-v1 --episodes 20 --via ros
@@ -24,6 +25,8 @@ import numpy as np
 from refinevla_core.eval.report import run_name, simpler_table, write_report
 from refinevla_core.eval.runner import EpisodeResult, evaluate, summarise
 from refinevla_core.eval.stats import success_rate
+from refinevla_core.plugins import EVAL_BACKENDS
+from refinevla_core.plugins import load as load_plugin
 from refinevla_core.sim.backend import SimError
 from refinevla_core.sim.config import SimConfig
 from refinevla_core.sim.experts import ScriptedExpertPolicy
@@ -166,14 +169,12 @@ def run(args: argparse.Namespace) -> int:
                   f"({r.wall_s:.1f} s, {r.via})", file=sys.stderr)
 
         if args.via == "ros":
-            from refinevla_ros.sim_eval_client import evaluate_via_ros
-
+            evaluate_via_ros = load_plugin(EVAL_BACKENDS, "ros", "--via ros")
             results = evaluate_via_ros(make_policy, args.tasks, args.episodes, seed=args.seed, sim=sim,
                                        videos_per_task=args.videos, on_episode=progress,
                                        privileged_state=args.policy == "expert")
         elif args.via == "ros-policy-node":
-            from refinevla_ros.sim_eval_client import evaluate_via_ros
-
+            evaluate_via_ros = load_plugin(EVAL_BACKENDS, "ros", "--via ros-policy-node")
             results = evaluate_via_ros(None, args.tasks, args.episodes, seed=args.seed, sim=sim,
                                        videos_per_task=args.videos, on_episode=progress,
                                        policy_node_params=node_params)

@@ -1,7 +1,7 @@
 """Closed-loop evaluation in-process: any object with `predict(image, instruction)` and `reset()` against a simulator
 backend, episode by episode, with per-task Wilson intervals.
 
-In-process is the fast path (no serialisation, no DDS). The ROS path (refinevla_ros.sim_eval_client) runs the same
+In-process is the fast path (no serialisation, no DDS). The ROS path (the ROS package's sim_eval_client) runs the same
 policy through sim_bridge_node and produces the same EpisodeResult objects; for the same seeds the numbers are the
 same (tested), because a backend episode depends only on (task, seed, actions).
 

@@ -1,7 +1,7 @@
 """Configs of the simulator side: which task and camera (SimConfig) and how the ROS bridge steps it (SimBridgeConfig).
 
-Plain dataclasses so `config/sim_bridge.yaml`, `--ros-args -p key:=value` (refinevla_ros.params mirrors nested fields
-as dotted parameters, e.g. `sim.task`) and the Python API share one vocabulary and one validation.
+Plain dataclasses so `config/sim_bridge.yaml`, `--ros-args -p key:=value` (the ROS package's params module mirrors
+nested fields as dotted parameters, e.g. `sim.task`) and the Python API share one vocabulary and one validation.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class SimConfig:
 
 @dataclass
 class SimBridgeConfig:
-    """How refinevla_ros.sim_bridge_node turns action messages into simulator steps."""
+    """How the ROS package's sim_bridge_node turns action messages into simulator steps."""
 
     sim: SimConfig = field(default_factory=SimConfig)
     # `next_task` cycles through these, comma-separated (empty: only sim.task); a string because a ROS parameter

@@ -3,7 +3,7 @@ the very same actions, images and outcomes as in-process; missing, late and non-
 
 How the expert sees the world: a camera image cannot carry the privileged state the expert needs, so the bridge
 publishes it on an opt-in debug topic (publish_privileged_state:=true) as JSON stamped like the image; the peer node
-here (refinevla_ros.sim_eval_client.BridgeClient, the ROS evaluator) reads it, runs the expert and publishes the
+here (refinevla_ros.harness.bridge.BridgeClient, the ROS evaluator's client) reads it, runs the expert and publishes the
 EE delta with the image's stamp, then the gripper, exactly as the policy node does.
 """
 
@@ -21,7 +21,9 @@ from std_srvs.srv import Trigger
 from refinevla.msg import EndEffectorDelta
 from refinevla_core.eval.runner import run_episode
 from refinevla_core.sim.experts import ScriptedExpertPolicy
-from refinevla_ros.conversions import delta_to_msg
+from refinevla_ros.conversions import delta_to_msg, ns_to_time, stamp_to_ns
+from refinevla_ros.harness.bridge import BridgeClient
+from refinevla_ros.harness.session import RosSession
 from refinevla_ros.sim_bridge_node import (
     CAMERA_INFO_TOPIC,
     COMMAND_QOS,
@@ -30,11 +32,8 @@ from refinevla_ros.sim_bridge_node import (
     INSTRUCTION_QOS,
     INSTRUCTION_TOPIC,
     NEXT_TASK_SERVICE,
-    ns_to_stamp,
-    stamp_ns,
 )
-from refinevla_ros.sim_eval_client import BridgeClient
-from test.ros.rosutil import node_process, peer_node
+from test.ros.rosutil import node_process
 from test.sim.conftest import TEST_IMAGE_SIZE
 
 pytestmark = pytest.mark.sim
@@ -45,10 +44,10 @@ SEEDS = [20, 21, 22]  # >= 90 % of 3 seeds means all 3; the rate over 100 seeds 
 def bridge():
     params = ["-p", "sim.task:=PushCube-v1", "-p", f"sim.image_size:={TEST_IMAGE_SIZE}", "-p",
               "tasks:=PushCube-v1,PickCube-v1", "-p", "publish_privileged_state:=true", "-p", "action_timeout_s:=3.0"]
-    with node_process("refinevla_ros.sim_bridge_node", params) as proc, peer_node("bridge_test_peer") as (node, ex):
-        client = BridgeClient(node, ex, use_privileged_state=True, timeout_s=120)
+    with node_process("refinevla_ros.sim_bridge_node", params) as proc, RosSession("bridge_test_peer") as session:
+        client = BridgeClient(session, privileged_state=True, timeout_s=120)
         client.wait_ready()
-        yield proc, node, ex, client
+        yield proc, session.node, session.executor, client
         assert proc.alive(), proc.output()
 
 
@@ -97,12 +96,12 @@ def test_missing_late_and_nonfinite_actions_hold_position(bridge):
     assert response.success and response.seed == 30
     first = client.spin_until(lambda: next((s for s in client.statuses if s.seed == 30 and s.step == 0), None),
                               "the first status")
-    stamp = stamp_ns(first.header.stamp)
+    stamp = stamp_to_ns(first.header.stamp)
     start = client.spin_until(lambda: client.states.get(stamp), "the privileged state")
     delta_pub = node.create_publisher(EndEffectorDelta, EE_DELTA_TOPIC, COMMAND_QOS)
     gripper_pub = node.create_publisher(Float64, GRIPPER_TOPIC, COMMAND_QOS)
 
-    late = Header(stamp=ns_to_stamp(stamp - 1_000_000), frame_id="world")  # computed from an older image
+    late = Header(stamp=ns_to_time(stamp - 1_000_000), frame_id="world")  # computed from an older image
     delta_pub.publish(delta_to_msg(np.array([0.1, 0, 0, 0, 0, 0]), late))
     nan = EndEffectorDelta(header=Header(stamp=first.header.stamp), x=float("nan"))
     delta_pub.publish(nan)
@@ -111,7 +110,7 @@ def test_missing_late_and_nonfinite_actions_hold_position(bridge):
     # no usable action: after action_timeout_s (3 s) the bridge steps once, holding position
     held = client.spin_until(lambda: next((s for s in client.statuses if s.episode == first.episode and s.step == 1),
                                           None), "the hold step", 30)
-    after = client.spin_until(lambda: client.states.get(stamp_ns(held.header.stamp)), "the state after the hold")
+    after = client.spin_until(lambda: client.states.get(stamp_to_ns(held.header.stamp)), "the state after the hold")
     drift = np.linalg.norm(np.subtract(after["gripper"]["position"], start["gripper"]["position"]))
     assert drift < 0.005, drift  # the late +10 cm step was not executed
     assert after["gripper"]["opening"] > 0.9  # nor the non-finite gripper command
@@ -123,10 +122,10 @@ def test_missing_late_and_nonfinite_actions_hold_position(bridge):
     gripper_pub.publish(Float64(data=0.0))
     t0 = time.monotonic()
     client.spin_until(lambda: time.monotonic() - t0 > 0.3, "a moment", 5)  # it reaches the bridge first
-    client.send(stamp_ns(held.header.stamp), np.array([0.05, 0, 0, 0, 0, 0, 1.0]))
+    client.send(stamp_to_ns(held.header.stamp), np.array([0.05, 0, 0, 0, 0, 0, 1.0]))
     moved = client.spin_until(lambda: next((s for s in client.statuses if s.episode == first.episode and s.step == 2),
                                            None), "the commanded step", 30)
-    later = client.spin_until(lambda: client.states.get(stamp_ns(moved.header.stamp)), "the state after the step")
+    later = client.spin_until(lambda: client.states.get(stamp_to_ns(moved.header.stamp)), "the state after the step")
     assert later["gripper"]["position"][0] - after["gripper"]["position"][0] > 0.01
     assert later["gripper"]["opening"] > 0.9  # the leftover 0.0 (close) was not paired with this step
 
