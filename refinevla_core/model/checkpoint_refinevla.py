@@ -27,13 +27,8 @@ from refinevla_core.model.processor_refinevla import token_layout
 
 
 def save_refinevla_checkpoint(  # noqa: PLR0917 (save_checkpoint's positional order)
-    directory: str | Path,
-    model: Any,
-    processor: Any,
-    stats: ActionStats,
-    refinevla_config: RefineVLAConfig,
-    extra_files: dict[str, Any] | None = None,
-) -> Path:
+        directory: str | Path, model: Any, processor: Any, stats: ActionStats, refinevla_config: RefineVLAConfig,
+        extra_files: dict[str, Any] | None = None) -> Path:
     """Write a complete RefineVLA checkpoint folder atomically (see checkpoint.save_checkpoint) and return its path."""
     directory = Path(directory)
     vlm = getattr(model, "vlm", model)

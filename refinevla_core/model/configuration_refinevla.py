@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from refinevla_core.config import ConfigError, from_dict, load_config, to_dict
 
@@ -31,6 +31,49 @@ REFINEVLA_CONFIG_NAME = "refinevla_config.json"
 ACTION_TOKEN_FORMAT = "<act_{:03d}>"
 BEGIN_ACTION_TOKEN = "<begin_action>"
 BEGIN_RATIONALE_TOKEN = "<begin_rationale>"
+ConfigT = TypeVar("ConfigT", bound="ModelConfigMixin")
+
+
+class ModelConfigMixin:
+    """What every model family's config does the same way (RefineVLAConfig, RefineVLAPi0Config): the prompt, and
+    dict / JSON / YAML round trips with the project's strict loader (unknown keys name the choices)."""
+
+    prompt_template: str
+
+    def check_prompt_template(self) -> None:
+        if "{instruction}" not in self.prompt_template:
+            raise ConfigError(f"prompt_template {self.prompt_template!r} must contain '{{instruction}}'")
+
+    def prompt(self, instruction: str) -> str:
+        return self.prompt_template.format(instruction=instruction.strip())
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[ConfigT], data: dict[str, Any], where: str | None = None) -> ConfigT:
+        return from_dict(cls, data, where=where or cls.__name__)
+
+    @classmethod
+    def from_yaml(cls: type[ConfigT], path: str | Path, overrides: dict[str, Any] | None = None) -> ConfigT:
+        return load_config(cls, path, overrides)
+
+
+def check_base_source(source: str, pretrained: str | None) -> None:
+    """A pretrained base needs somewhere to come from (both families' base specs)."""
+    if source == "pretrained" and not pretrained:
+        raise ConfigError("base.source is 'pretrained' but base.pretrained (a local folder or hub id) is empty")
+
+
+class PatchGrid:
+    """What both vision specs derive from their image and patch sizes."""
+
+    image_size: int
+    patch_size: int
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
 
 @dataclass
@@ -48,7 +91,7 @@ class TextSpec:
 
 
 @dataclass
-class VisionSpec:
+class VisionSpec(PatchGrid):
     """SigLIP vision tower sizes (random-init presets). `extra` passes any other SiglipVisionConfig key."""
 
     hidden_size: int = 128
@@ -58,10 +101,6 @@ class VisionSpec:
     patch_size: int = 14
     image_size: int = 112
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 @dataclass
@@ -87,8 +126,7 @@ class BaseModelSpec:
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        if self.source == "pretrained" and not self.pretrained:
-            raise ConfigError("base.source is 'pretrained' but base.pretrained (a local folder or hub id) is empty")
+        check_base_source(self.source, self.pretrained)
         if self.source == "random" and self.tokenizer_vocab_size < 300:
             raise ConfigError(
                 "base.tokenizer_vocab_size must be >= 300 (256 byte tokens + specials), "
@@ -129,7 +167,7 @@ class TokenLayout:
 
 
 @dataclass
-class RefineVLAConfig:
+class RefineVLAConfig(ModelConfigMixin):
     """How a PaliGemma network is used as the ReFineVLA policy (see the module docstring)."""
 
     name: str = "tiny"
@@ -145,23 +183,8 @@ class RefineVLAConfig:
     def __post_init__(self) -> None:
         if self.target_order not in TARGET_ORDERS:
             raise ConfigError(f"target_order {self.target_order!r} is not one of {list(TARGET_ORDERS)}")
-        if "{instruction}" not in self.prompt_template:
-            raise ConfigError(f"prompt_template {self.prompt_template!r} must contain '{{instruction}}'")
+        self.check_prompt_template()
         if not 2 <= self.n_action_bins <= 4096:
             raise ConfigError(f"n_action_bins must be in 2..4096, got {self.n_action_bins}")
         if self.max_rationale_tokens < 1:
             raise ConfigError(f"max_rationale_tokens must be >= 1, got {self.max_rationale_tokens}")
-
-    def prompt(self, instruction: str) -> str:
-        return self.prompt_template.format(instruction=instruction.strip())
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "RefineVLAConfig") -> RefineVLAConfig:
-        return from_dict(cls, data, where=where)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RefineVLAConfig:
-        return load_config(cls, path, overrides)

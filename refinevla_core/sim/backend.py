@@ -4,12 +4,7 @@ A backend speaks the project's action convention only (Bridge: dx, dy, dz m; dro
 0 = closed) and converts to its simulator's own convention inside. `make_backend(SimConfig)` picks ManiSkill3 (always
 available, CPU rendering) or SimplerEnv (when `simpler_env` and its assets are installed).
 
-Privileged state (`privileged_state()`), one JSON-able dict per frame, metres, world frame (x forward, y left, z up):
-    {"task": "PushCube-v1", "phase": "approach"|"grasp"|"lift"|"transport"|"place"|"push"|"release"|"done",
-     "objects": {"cube": {"position": [x,y,z], "orientation_wxyz": [w,x,y,z], "description": "blue cube",
-                          "size_m": 0.04}, ...},
-     "target": {"name": "goal", "position": [x,y,z], "description": "red/white target disc"} or None,
-     "gripper": {"position": [x,y,z], "opening": 0..1 (1 = open), "holding": "cube" or None}}
+The interface (SimBackend, SimObservation, StepResult, the privileged-state contract) is sim/interface.py.
 """
 
 from __future__ import annotations

@@ -20,12 +20,17 @@ from typing import Any, Literal
 
 import yaml
 
-from refinevla_core.config import ConfigError, from_dict, load_config, to_dict
+from refinevla_core.config import ConfigError
+from refinevla_core.model.configuration_refinevla import (
+    BaseSource,
+    Dtype,
+    ModelConfigMixin,
+    PatchGrid,
+    TargetOrder,
+    check_base_source,
+)
 
 PI0_CONFIG_NAME = "refinevla_pi0_config.json"
-TargetOrder = Literal["rationale_then_action", "action_then_rationale"]
-BaseSource = Literal["random", "pretrained"]
-Dtype = Literal["float32", "bfloat16", "float16"]
 PI0_BASE_HUB_ID = "lerobot/pi0_base"
 PALIGEMMA_TOKENIZER_HUB_ID = "google/paligemma-3b-pt-224"
 
@@ -44,17 +49,13 @@ class GemmaSpec:
 
 
 @dataclass
-class SiglipSpec:
+class SiglipSpec(PatchGrid):
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 1
     num_attention_heads: int = 2
     patch_size: int = 14
     image_size: int = 112
-
-    @property
-    def num_image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 @dataclass
@@ -79,8 +80,7 @@ class Pi0BaseSpec:
     tokenizer_vocab_size: int = 1024
 
     def __post_init__(self) -> None:
-        if self.source == "pretrained" and not self.pretrained:
-            raise ConfigError("base.source is 'pretrained' but base.pretrained (a local folder or hub id) is empty")
+        check_base_source(self.source, self.pretrained)
         if self.source == "random":
             t, e = self.text, self.expert
             if (t.num_hidden_layers, t.num_key_value_heads, t.head_dim) != (
@@ -94,7 +94,7 @@ class Pi0BaseSpec:
 
 
 @dataclass
-class RefineVLAPi0Config:
+class RefineVLAPi0Config(ModelConfigMixin):
     """How a PI0 network is used as the ReFineVLA policy (see the module docstring)."""
 
     family: Literal["pi0"] = "pi0"
@@ -114,8 +114,7 @@ class RefineVLAPi0Config:
     def __post_init__(self) -> None:
         if self.family != "pi0":
             raise ConfigError(f"family must be 'pi0' for a π0 config, got {self.family!r}")
-        if "{instruction}" not in self.prompt_template:
-            raise ConfigError(f"prompt_template {self.prompt_template!r} must contain '{{instruction}}'")
+        self.check_prompt_template()
         checks = [
             (self.max_rationale_tokens >= 1, "max_rationale_tokens must be >= 1"),
             (self.chunk_size >= 1, "chunk_size must be >= 1"),
@@ -131,20 +130,6 @@ class RefineVLAPi0Config:
     @property
     def replan_every(self) -> int:
         return self.execute_steps or self.chunk_size
-
-    def prompt(self, instruction: str) -> str:
-        return self.prompt_template.format(instruction=instruction.strip())
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "RefineVLAPi0Config") -> RefineVLAPi0Config:
-        return from_dict(cls, data, where=where)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RefineVLAPi0Config:
-        return load_config(cls, path, overrides)
 
 
 def is_pi0_config_file(path: str | Path) -> bool:
