@@ -44,7 +44,7 @@ from refinevla_core.data.stats import load_dataset_stats
 from refinevla_core.io import atomic_write_json
 from refinevla_core.model.checkpoint import save_checkpoint as save_model_checkpoint
 from refinevla_core.model.checkpoint import save_tied_weights_quietly
-from refinevla_core.training import fsdp
+from refinevla_core.training import fsdp, precision
 from refinevla_core.training.build import (
     Collator,
     build_model,
@@ -68,7 +68,6 @@ from refinevla_core.training.data import (
 from refinevla_core.training.freezing import FreezeReport, export_for_saving
 from refinevla_core.training.loss import joint_loss
 from refinevla_core.training.metrics import CURVE_NAME, METRICS_NAME, describe_val, finite, plot_loss_curve
-from refinevla_core.training.precision import apply_training_precision
 from refinevla_core.training.run_folder import (
     CHECKPOINTS,
     TRAINER_STATE,
@@ -160,7 +159,7 @@ class Trainer:
                  f"{'LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else 'no LoRA'}, {cfg.precision}, "
                  f"{acc.num_processes} process(es) on {acc.device}")
         self.log(self.report.table())
-        self.log(apply_training_precision(model.vlm, cfg.precision).describe())  # fp32 master weights
+        self.log(precision.apply_training_precision(model.vlm, cfg.precision).describe())  # fp32 master weights
 
     def _setup_data(self, dataset: EpisodeDataset) -> None:
         cfg, model = self.config, self.refinevla
