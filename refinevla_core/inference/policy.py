@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from refinevla_core.attention import action_attention
 from refinevla_core.config import ConfigError
 from refinevla_core.inference.config import PolicyConfig, RationaleMode  # noqa: F401  (re-exported)
 from refinevla_core.inference.live import CachedRationale, LiveRationales
@@ -116,8 +117,6 @@ class Policy(CheckpointPolicy):
     def attention_overlay(self, image: np.ndarray, instruction: str | None = None, layers: Any = "last") -> np.ndarray:
         """HxWx3 uint8: `image` with the action tokens' attention over its patches blended on top (what the policy
         node publishes on /refinevla/attention_overlay). Uses the last predicted instruction when none is given."""
-        from refinevla_core.attention import action_attention
-
         text = instruction or self._last_instruction
         if not text:
             raise ValueError("attention_overlay needs an instruction (none given and nothing predicted yet)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from refinevla_core import config as config_module  # CONFIG_DIRS read at call time (tests point it elsewhere)
 from refinevla_core.config import ConfigError
 from refinevla_core.model.backbone import (
     base_unavailable_message,
@@ -44,16 +45,12 @@ PRESETS = ("tiny", "mid", "paligemma2-3b-224", "paligemma2-3b-224-random")
 
 def preset_path(name: str) -> Path:
     """config/model_<name>.yaml of the source checkout, else the copy shipped in the wheel or the ROS share."""
-    from refinevla_core.config import CONFIG_DIRS
-
-    return next((d / f"model_{name}.yaml" for d in CONFIG_DIRS if (d / f"model_{name}.yaml").is_file()),
+    return next((d / f"model_{name}.yaml" for d in config_module.CONFIG_DIRS if (d / f"model_{name}.yaml").is_file()),
                 CONFIG_DIR / f"model_{name}.yaml")
 
 
 def available_presets() -> list[str]:
-    from refinevla_core.config import available_configs
-
-    return [name.removeprefix("model_") for name in available_configs("model_")]
+    return [name.removeprefix("model_") for name in config_module.available_configs("model_")]
 
 
 def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> RefineVLAConfig:

@@ -25,6 +25,7 @@ import numpy as np
 
 from refinevla_core.data.episode import DataError, Episode
 from refinevla_core.data.episode_dataset import EpisodeDataset
+from refinevla_core.data.stats import compute_dataset_stats
 from refinevla_core.sim.backend import SimBackend, SimError, make_backend
 from refinevla_core.sim.config import SimConfig
 from refinevla_core.sim.experts import EXPERTS, ExpertError, expert_step
@@ -190,8 +191,6 @@ def merge_datasets(sources: list[Path], out: Path, progress: bool = True) -> int
     """Append the episodes of collected datasets (e.g. shards collected side by side) into `out`, in order, and
     compute its action statistics. Resumable: episodes already in `out` (by source and seed) are skipped."""
     from tqdm import tqdm
-
-    from refinevla_core.data.stats import compute_dataset_stats
 
     datasets = [EpisodeDataset(s) for s in sources]
     names = [str(Path(s).resolve()) for s in sources]

@@ -34,8 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from refinevla_core.gripper import from_bridge, to_bridge
 from refinevla_core.sim.check import VULKAN_HELP
 from refinevla_core.sim.config import SimConfig
+from refinevla_core.sim.experts import phase_of
 from refinevla_core.sim.instructions import instruction_for
 from refinevla_core.sim.interface import SimBackend, SimError, SimObservation, StepResult, validate_action
 
@@ -137,7 +139,7 @@ def bridge_to_maniskill(action: np.ndarray, pos_scale: float = POS_SCALE_M,
     rot = angles / rot_scale
     norm = float(np.linalg.norm(rot))
     out[3:6] = rot / norm if norm > 1.0 else rot
-    out[6] = np.clip(2.0 * a[6] - 1.0, -1.0, 1.0)
+    out[6] = np.clip(from_bridge(a[6], "plus_minus_one"), -1.0, 1.0)
     return out.astype(np.float32)
 
 
@@ -154,7 +156,7 @@ def maniskill_to_bridge(normalised: np.ndarray, pos_scale: float = POS_SCALE_M,
     rot = rot / norm if norm > 1.0 else rot
     angles = rot * rot_scale
     out[3:6] = matrix_to_rpy(xyz_intrinsic_to_matrix(*angles)) if np.any(angles) else 0.0
-    out[6] = (np.clip(n[6], -1.0, 1.0) + 1.0) / 2.0
+    out[6] = to_bridge(np.clip(n[6], -1.0, 1.0), "plus_minus_one")
     return out
 
 
@@ -268,8 +270,6 @@ class ManiSkillBackend(SimBackend):
 
     # ---- ground truth ----------------------------------------------------------------------------------------------
     def privileged_state(self) -> dict[str, Any]:
-        from refinevla_core.sim.experts import phase_of
-
         u = self.unwrapped
         objects = {}
         for spec in self.spec.objects:

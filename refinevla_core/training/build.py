@@ -18,6 +18,7 @@ from refinevla_core.model.presets import build_from_preset, load_preset
 from refinevla_core.training.config import TrainConfig
 from refinevla_core.training.data import TrainingSample
 from refinevla_core.training.freezing import FreezeReport, apply_lora, apply_selective_transfer, describe
+from refinevla_core.training.tracking import accelerator_kwargs  # report_to: TensorBoard / W&B / trackio
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,7 +124,6 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from refinevla_core.training.tracking import accelerator_kwargs  # report_to: TensorBoard / W&B / trackio
 
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         # a second run in the same process (tests, the benchmark) may change precision / device

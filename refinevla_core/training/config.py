@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from refinevla_core.config import ConfigError, load_config
+from refinevla_core.training.tracking import tracker_names
 
 TargetOrder = Literal["rationale_then_action", "action_then_rationale"]
 NewTokenRows = Literal["head", "tied", "none"]
@@ -186,8 +187,6 @@ class TrainConfig:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.max_steps is not None and self.epochs is not None:
             raise ConfigError("give max_steps or epochs, not both (set the other to null)")
-        from refinevla_core.training.tracking import tracker_names
-
         tracker_names(self.report_to)  # ConfigError naming the valid trackers
         if self.resume not in ("auto", "never") and not self.resume.strip():
             raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")

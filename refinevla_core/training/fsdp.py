@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from refinevla_core.config import ConfigError
+from refinevla_core.model.checkpoint import save_checkpoint
+from refinevla_core.training.build import build_model, new_token_ids
+from refinevla_core.training.freezing import apply_selective_transfer, export_for_saving
 
 
 def fsdp_requested() -> bool:
@@ -60,10 +63,6 @@ def gather_full_state_dict(accelerator: Any, model: Any) -> dict[str, Any] | Non
 
 def save_from_full_state(trainer: Any, directory: Path, state: dict[str, Any]) -> None:
     """Main process: load the gathered weights into a fresh model frozen like the run's, and write the checkpoint."""
-    from refinevla_core.model.checkpoint import save_checkpoint
-    from refinevla_core.training.build import build_model, new_token_ids
-    from refinevla_core.training.freezing import apply_selective_transfer, export_for_saving
-
     cfg = trainer.config
     fresh = build_model(cfg)
     fresh.processor.set_action_stats(trainer.stats)

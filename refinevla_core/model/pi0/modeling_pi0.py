@@ -30,6 +30,7 @@ from torch.nn import functional
 from refinevla_core.data.episode import DataError
 from refinevla_core.data.stats import STATS_FILENAME, ActionStats
 from refinevla_core.model.checkpoint_format import CheckpointError, Verify, verify_checkpoint
+from refinevla_core.model.pi0 import training_pi0
 from refinevla_core.model.pi0.checkpoint_pi0 import save_pi0_checkpoint
 from refinevla_core.model.pi0.configuration_pi0 import PI0_CONFIG_NAME, RefineVLAPi0Config
 from refinevla_core.model.pi0.processor_pi0 import ACTION_DIM, RefineVLAPi0Processor, build_hf_processor
@@ -189,27 +190,19 @@ class RefineVLAPi0(torch.nn.Module):
     # ---- what the trainer asks of a model family (training_pi0.py) -------------------------------------------
     def training_frames(self, dataset: Any, episodes: Sequence[int], seed: int = 0,
                         rationale_dropout: float = 0.0) -> Any:
-        from refinevla_core.model.pi0.training_pi0 import ChunkFrames
-
-        return ChunkFrames(dataset, episodes, seed=seed, rationale_dropout=rationale_dropout,
+        return training_pi0.ChunkFrames(dataset, episodes, seed=seed, rationale_dropout=rationale_dropout,
                            chunk_size=self.refinevla_config.chunk_size)
 
     @staticmethod
     def collator(processor: RefineVLAPi0Processor) -> Any:
-        from refinevla_core.model.pi0.training_pi0 import ChunkCollator
-
-        return ChunkCollator(processor)
+        return training_pi0.ChunkCollator(processor)
 
     def prepare_training(self, train_config: Any) -> Any:
-        from refinevla_core.model.pi0.training_pi0 import prepare_training
-
-        return prepare_training(self, train_config)
+        return training_pi0.prepare_training(self, train_config)
 
     @staticmethod
     def evaluate_for(trainer: Any) -> dict[str, Any]:
-        from refinevla_core.model.pi0.training_pi0 import evaluate
-
-        return evaluate(trainer)
+        return training_pi0.evaluate(trainer)
 
     # ---- construction -----------------------------------------------------------------------------------------
     @classmethod

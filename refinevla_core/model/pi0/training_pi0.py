@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from refinevla_core.config import ConfigError
 from refinevla_core.training.data import EpisodeFrames, TrainingSample
+from refinevla_core.training.freezing import apply_lora, apply_selective_transfer, describe, find_parts
 
 EXPERT_PREFIXES = ("model.dit.", "embed_action_time.", "action_out_proj.")
 UNUSED = ("model.dit.embed_tokens.",)
@@ -68,9 +70,6 @@ def _starts(name: str, prefixes: tuple[str, ...]) -> bool:
 
 def prepare_training(model: Any, config: Any) -> Any:
     """Freeze per config.freeze (+ LoRA), as described in the module docstring; returns the FreezeReport."""
-    from refinevla_core.config import ConfigError
-    from refinevla_core.training.freezing import apply_lora, apply_selective_transfer, describe, find_parts
-
     if config.gradient_checkpointing:
         raise ConfigError(
             "gradient_checkpointing is not available for π0: transformers' PI0 hands the VLM's keys/values to the "
