@@ -67,7 +67,14 @@ from refinevla_core.training.data import (
 )
 from refinevla_core.training.freezing import FreezeReport, export_for_saving
 from refinevla_core.training.loss import joint_loss
-from refinevla_core.training.metrics import CURVE_NAME, METRICS_NAME, describe_val, finite, plot_loss_curve
+from refinevla_core.training.metrics import (
+    CURVE_NAME,
+    METRICS_NAME,
+    describe_val,
+    finite,
+    plot_loss_curve,
+    validation_metrics,
+)
 from refinevla_core.training.run_folder import (
     CHECKPOINTS,
     TRAINER_STATE,
@@ -234,7 +241,8 @@ class Trainer:
         return share
 
     # ---- one step ---------------------------------------------------------------------------------------------
-    def _loss(self, batch: dict[str, torch.Tensor], lambda_rationale: float) -> Any:
+    def compute_loss(self, batch: dict[str, torch.Tensor], lambda_rationale: float) -> Any:
+        """(JointLoss, logits or None for π0, the batch on the device) of one collated batch."""
         device = self.accelerator.device
         batch = {k: v.to(device) for k, v in batch.items()}
         if getattr(self.refinevla, "family", None) == "pi0":  # computes its own joint loss (flow + λ_r · CE)
@@ -267,7 +275,7 @@ class Trainer:
             batch = next(batches)
             sync = k == cfg.grad_accumulation - 1
             with nullcontext() if sync else acc.no_sync(self.model):
-                loss, _, _ = self._loss(batch, cfg.lambda_rationale)
+                loss, _, _ = self.compute_loss(batch, cfg.lambda_rationale)
                 acc.backward(loss.total / cfg.grad_accumulation)
             n_act = loss.action_tokens + loss.format_tokens
             sums += torch.tensor([float(loss.action.detach()) * n_act,
@@ -298,51 +306,7 @@ class Trainer:
             return {}
         if hasattr(self.refinevla, "evaluate_for"):  # π0: continuous action chunks, its own metrics
             return self.refinevla.evaluate_for(self)
-        cfg = self.config
-        processor = self.refinevla.processor
-        lay = processor.layout
-        self.model.eval()
-        counts = dict.fromkeys(("act_ok", "act_n", "rat_ok", "rat_n", "act_loss", "act_loss_n", "rat_loss"), 0.0)
-        forced, free, truth = [], [], []
-        for start in range(0, len(self.val_keys), cfg.batch_size):
-            samples = [self.val_frames[i] for i in self.val_keys[start : start + cfg.batch_size]]
-            loss, logits, batch = self._loss(self.collate(samples), cfg.lambda_rationale)
-            counts["act_ok"] += loss.action_correct
-            counts["act_n"] += loss.action_tokens
-            counts["rat_ok"] += loss.rationale_correct
-            counts["rat_n"] += loss.rationale_tokens
-            counts["act_loss"] += float(loss.action) * (loss.action_tokens + loss.format_tokens)
-            counts["act_loss_n"] += loss.action_tokens + loss.format_tokens
-            counts["rat_loss"] += float(loss.rationale) * loss.rationale_tokens
-            mask = batch["action_mask"][:, 1:]
-            action_logits = logits[:, :-1][mask][:, lay.action_token_start : lay.action_token_end]
-            bins = action_logits.argmax(-1).reshape(len(samples), -1).cpu().numpy()
-            forced.append(processor.decode_actions(bins))
-            generated = self.refinevla.generate([s.image for s in samples], [s.instruction for s in samples],
-                                                plan="action")
-            free.append(processor.decode_actions(np.stack([g.action_bins for g in generated])))
-            truth.append(batch["actions"].cpu().numpy())
-        actual = np.concatenate(truth)
-        err = np.abs(np.concatenate(free) - actual)
-        err_forced = np.abs(np.concatenate(forced) - actual)
-        err_mean = np.abs(actual - self.stats.mean[None, :])
-        metrics: dict[str, Any] = {
-            "step": self.progress.step,
-            "frames": len(err),
-            "action_l1": float(err.mean()),
-            "action_l1_xyz": float(err[:, :3].mean()),
-            "action_l1_per_dim": [float(v) for v in err.mean(axis=0)],
-            "action_l1_mean_action": float(err_mean.mean()),
-            "action_l1_xyz_mean_action": float(err_mean[:, :3].mean()),
-            "action_l1_teacher_forced": float(err_forced.mean()),
-            "action_l1_xyz_teacher_forced": float(err_forced[:, :3].mean()),
-            "action_token_accuracy_teacher_forced": counts["act_ok"] / max(counts["act_n"], 1),
-            "val_loss_action": counts["act_loss"] / max(counts["act_loss_n"], 1),
-        }
-        if counts["rat_n"]:
-            metrics["rationale_token_accuracy"] = counts["rat_ok"] / counts["rat_n"]
-            metrics["val_loss_rationale"] = counts["rat_loss"] / counts["rat_n"]
-        return metrics
+        return validation_metrics(self)
 
     # ---- saving -----------------------------------------------------------------------------------------------
     def checkpoint_extra_files(self) -> dict[str, Any]:
