@@ -24,6 +24,10 @@ from refinevla_core.data.images import (  # noqa: F401  (re-exported: nodes impo
 )
 from refinevla_core.data.images import compressed_to_rgb as compressed_bytes_to_rgb
 from refinevla_core.rationale import Rationale
+from refinevla_core.stamps import (
+    split_ns,
+    stamp_to_ns,  # noqa: F401  (re-exported: nodes import it from here)
+)
 
 
 def image_to_rgb(msg: Image) -> np.ndarray:
@@ -129,12 +133,9 @@ def decode_text(data: str | bytes, max_chars: int) -> str:
     return text
 
 
-def stamp_to_ns(stamp: Time) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
 def ns_to_time(ns: int) -> Time:
-    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+    sec, nanosec = split_ns(ns)
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def serialized_stamp_ns(serialized: bytes) -> int:

@@ -54,7 +54,7 @@ from refinevla.srv import ResetEpisode
 from refinevla_core.config import ConfigError
 from refinevla_core.sim.backend import SimBackend, SimError, StepResult, make_backend
 from refinevla_core.sim.config import SimBridgeConfig
-from refinevla_ros.conversions import msg_to_delta, rgb_to_image
+from refinevla_ros.conversions import msg_to_delta, ns_to_time, rgb_to_image, stamp_to_ns
 from refinevla_ros.params import DECLARE_OVERRIDES, declare_config
 from refinevla_ros.run import BAD_PARAMETERS, run_node
 from refinevla_ros.topics import (
@@ -75,14 +75,6 @@ from refinevla_ros.topics import (
 
 STATUS_QOS = STATE_QOS = LATCHED_QOS
 WATCH_PERIOD_S = 0.05  # lockstep bookkeeping (grace, timeout, re-send); steps themselves happen in callbacks
-
-
-def stamp_ns(stamp: TimeMsg) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
-def ns_to_stamp(ns: int) -> TimeMsg:
-    return TimeMsg(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
 def camera_info_msg(k: np.ndarray, width: int, height: int, header: Header) -> CameraInfo:
@@ -191,7 +183,7 @@ class SimBridgeNode(Node):
     def _new_stamp(self) -> TimeMsg:
         ns = self.get_clock().now().nanoseconds
         self.obs_stamp_ns = max(ns, self.obs_stamp_ns + 1)  # strictly increasing: a stamp names one observation
-        return ns_to_stamp(self.obs_stamp_ns)
+        return ns_to_time(self.obs_stamp_ns)
 
     def publish_observation(self, image: np.ndarray | None, reward: float, success: bool) -> None:
         be = self.backend
@@ -228,11 +220,11 @@ class SimBridgeNode(Node):
             self.counters["ignored_done"] += 1
             return False
         if self.config.step_mode == "lockstep":
-            if stamp_ns(stamp) != self.obs_stamp_ns:
+            if stamp_to_ns(stamp) != self.obs_stamp_ns:
                 self.counters["late_actions"] += 1
                 return False
             return True
-        age_s = (self.get_clock().now().nanoseconds - stamp_ns(stamp)) / 1e9
+        age_s = (self.get_clock().now().nanoseconds - stamp_to_ns(stamp)) / 1e9
         if age_s > self.config.action_timeout_s:
             self.counters["late_actions"] += 1
             self.get_logger().warning(f"ignoring an action computed from a {age_s:.2f} s old image (limit "

@@ -12,10 +12,8 @@ Ranges per dimension (ACTION_NAMES order):
 A dimension that never varies in the data (q01 == q99, e.g. rotations in a translation-only task) gets a tiny range
 around its value, so it decodes to that value instead of dividing by zero.
 
-Gripper conventions and converters (test them whenever a new robot or simulator is wired in):
-  - Bridge / this project / PolicyOutput: absolute, 1 = open, 0 = closed, continuous in [0, 1];
-  - SimplerEnv WidowX (`..._gripper_pd_joint_pos`, normalize_action=True): -1 = closed, +1 = open; policies
-    binarise with 2 * (g > 0.5) - 1 (OpenVLA/Octo wrappers). `bridge_to_simplerenv` / `simplerenv_to_bridge`.
+Gripper conventions (Bridge 1 = open / 0 = closed, SimplerEnv's -1..+1, ...) and their converters are
+refinevla_core.gripper.
 """
 
 from __future__ import annotations
@@ -123,21 +121,3 @@ class ActionTokenizer:
             return cls(low=np.asarray(data["low"]), high=np.asarray(data["high"]), n_bins=int(data["n_bins"]))
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"action tokenizer settings are incomplete or malformed ({e!r})") from e
-
-
-# ---- gripper conventions ---------------------------------------------------------------------------------------
-def bridge_to_simplerenv(gripper: Any) -> np.ndarray:
-    """Bridge absolute gripper (1 open, 0 closed) -> SimplerEnv WidowX command (+1 open, -1 closed), binarised at 0.5
-    as the OpenVLA/Octo SimplerEnv wrappers do."""
-    g = np.asarray(gripper, dtype=np.float64)
-    if not np.isfinite(g).all():
-        raise DataError("gripper value is NaN/inf; refusing to convert an undefined gripper command")
-    return np.where(g > 0.5, 1.0, -1.0).astype(np.float32)
-
-
-def simplerenv_to_bridge(gripper: Any) -> np.ndarray:
-    """SimplerEnv WidowX command (+1 open, -1 closed, anything in between) -> Bridge absolute gripper in [0, 1]."""
-    g = np.asarray(gripper, dtype=np.float64)
-    if not np.isfinite(g).all():
-        raise DataError("gripper value is NaN/inf; refusing to convert an undefined gripper command")
-    return np.clip((g + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)

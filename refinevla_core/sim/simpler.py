@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from refinevla_core.gripper import bridge_to_simplerenv
 from refinevla_core.sim.config import SimConfig
 from refinevla_core.sim.interface import SimBackend, SimError, SimObservation, StepResult, validate_action
 from refinevla_core.sim.maniskill import rpy_to_matrix
@@ -125,7 +126,7 @@ class GripperConverter:
 
     def __call__(self, g: float) -> float:
         if self.robot == "widowx":
-            return 1.0 if g > 0.5 else -1.0
+            return float(bridge_to_simplerenv(g))
         # google robot: relative command, +1 = close, -1 = open (SimplerEnv's wrappers; sticky for 15 steps)
         rel = 0.0 if self.previous is None else self.previous - g
         self.previous = g

@@ -1,4 +1,4 @@
-"""ActionTokenizer: OpenVLA-style 256 bins per dimension between q01 and q99, clipping, gripper conventions."""
+"""ActionTokenizer: OpenVLA-style 256 bins per dimension between q01 and q99, clipping."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ import pytest
 
 from refinevla_core.data import DataError
 from refinevla_core.data.stats import compute_stats
-from refinevla_core.model.tokenizer import (
-    ActionTokenizer,
-    bridge_to_simplerenv,
-    simplerenv_to_bridge,
-)
+from refinevla_core.model.tokenizer import ActionTokenizer
 
 
 @pytest.fixture
@@ -71,13 +67,3 @@ def test_serialisation_round_trip(data):
     np.testing.assert_array_equal(again.encode(data), tok.encode(data))
     with pytest.raises(DataError, match="incomplete"):
         ActionTokenizer.from_dict({"low": [0] * 7})
-
-
-def test_gripper_converters():
-    # Bridge: 1 open / 0 closed; SimplerEnv WidowX: +1 open / -1 closed, binarised at 0.5
-    np.testing.assert_array_equal(bridge_to_simplerenv([1.0, 0.0, 0.7, 0.3, 0.5]), [1, -1, 1, -1, -1])
-    np.testing.assert_array_equal(simplerenv_to_bridge([1.0, -1.0, 0.0, 3.0]), [1.0, 0.0, 0.5, 1.0])
-    for g in (0.0, 1.0):
-        assert simplerenv_to_bridge(bridge_to_simplerenv(g)) == g
-    with pytest.raises(DataError, match="NaN"):
-        bridge_to_simplerenv(float("nan"))

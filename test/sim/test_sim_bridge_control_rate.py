@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from std_msgs.msg import Header
 
-from refinevla_ros.conversions import delta_to_msg
-from refinevla_ros.sim_bridge_node import ns_to_stamp, stamp_ns
+from refinevla_ros.conversions import delta_to_msg, ns_to_time, stamp_to_ns
 from refinevla_ros.sim_eval_client import BridgeClient
 from test.ros.rosutil import node_process, peer_node
 from test.sim.conftest import TEST_IMAGE_SIZE
@@ -30,12 +29,12 @@ def test_control_rate_mode_holds_without_actions_and_uses_fresh_ones():
         client = BridgeClient(node, ex, use_privileged_state=True, timeout_s=120)
         ready = client.spin_until(lambda: len(client.statuses) >= 4 and client.statuses[-1], "steps without actions")
         # with no policy at all the episode advances at the control rate, holding position
-        start = client.spin_until(lambda: client.states.get(stamp_ns(client.statuses[0].header.stamp)), "state 0")
-        now = client.spin_until(lambda: client.states.get(stamp_ns(ready.header.stamp)), "a later state")
+        start = client.spin_until(lambda: client.states.get(stamp_to_ns(client.statuses[0].header.stamp)), "state 0")
+        now = client.spin_until(lambda: client.states.get(stamp_to_ns(ready.header.stamp)), "a later state")
         assert ready.step >= 3
         assert np.linalg.norm(np.subtract(now["gripper"]["position"], start["gripper"]["position"])) < 0.005
 
-        stale = Header(stamp=ns_to_stamp(node.get_clock().now().nanoseconds - 5_000_000_000))
+        stale = Header(stamp=ns_to_time(node.get_clock().now().nanoseconds - 5_000_000_000))
         client.delta_pub.publish(delta_to_msg(np.array([0.1, 0, 0, 0, 0, 0]), stale))  # 5 s old: ignored
         t0 = time.monotonic()
         client.spin_until(lambda: time.monotonic() - t0 > 0.5, "half a second", 5)
@@ -43,8 +42,8 @@ def test_control_rate_mode_holds_without_actions_and_uses_fresh_ones():
 
         base = len(client.statuses)
         fresh = Header(stamp=node.get_clock().now().to_msg())
-        client.send(stamp_ns(fresh.stamp), np.array([0.1, 0, 0, 0, 0, 0, 1.0]))
+        client.send(stamp_to_ns(fresh.stamp), np.array([0.1, 0, 0, 0, 0, 0, 1.0]))
         status = client.spin_until(lambda: len(client.statuses) > base + 2 and client.statuses[-1], "more steps")
-        moved = client.spin_until(lambda: client.states.get(stamp_ns(status.header.stamp)), "the state")
+        moved = client.spin_until(lambda: client.states.get(stamp_to_ns(status.header.stamp)), "the state")
         assert moved["gripper"]["position"][0] - now["gripper"]["position"][0] > 0.01
         assert proc.alive(), proc.output()
