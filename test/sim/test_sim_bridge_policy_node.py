@@ -4,6 +4,10 @@ the same topics (test_sim_bridge_node's module fixture is gone by then)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -30,6 +34,40 @@ def test_policy_node_through_bridge_gives_the_in_process_numbers(push_cube):
     assert len(ros.frames) > len(local.frames) // 2, (len(ros.frames), len(local.frames))
     local_frames = {f.tobytes() for f in local.frames}
     assert all(f.tobytes() in local_frames for f in ros.frames), (len(ros.frames), len(local.frames))
+
+
+def test_the_demo_lane_and_eval_via_policy_node_agree(tmp_path, push_cube, monkeypatch):
+    """The demo's lane (refinevla_ros.demo_eval.run_lane, what `refinevla demo` runs) and `refinevla eval --via
+    ros-policy-node` drive the same checkpoint through the same harness with the same policy_node settings: the same
+    steps, outcome and instruction for a seed, one Action per simulator step, and the lane's fresh rationales are
+    the texts eval captions those steps with."""
+    from refinevla_core.data.stats import ActionStats
+    from refinevla_core.model.checkpoint import save_checkpoint
+    from refinevla_core.model.presets import build_from_preset
+    from refinevla_ros import demo_eval
+
+    vla = build_from_preset("tiny")  # random weights with identity statistics: they act (badly), enough to compare
+    vla.processor.set_action_stats(ActionStats.identity())
+    checkpoint = save_checkpoint(tmp_path / "tiny", vla, vla.processor, vla.stats, vla.refinevla_config)
+    sim = dataclasses.replace(push_cube.config, max_steps=6)
+    model = {"name": "tiny", "checkpoint": str(checkpoint), "rationale_mode": "every_n", "rationale_every_n": 3,
+             "seed": 80, "episodes": 1, "out_dir": str(tmp_path / "lane" / "tiny")}
+    domain = int(os.environ.get("ROS_DOMAIN_ID", "0"))
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))  # run_lane sets it for its node processes: restored after
+    demo_eval.run_lane({"sim": dataclasses.asdict(sim), "domains": [domain], "step_timeout_s": 120,
+                        "work_dir": str(tmp_path / "lane"), "models": [model]})
+    (line,) = (tmp_path / "lane" / "tiny" / "episodes.jsonl").read_text().splitlines()
+    lane = json.loads(line)
+
+    [ros] = evaluate_via_ros(None, ["PushCube-v1"], 1, seed=80, sim=sim,
+                             policy_node_params=demo_eval.policy_node_params(model))
+    assert (lane["steps"], lane["success"], lane["final_success"], lane["instruction"]) == \
+           (ros.steps, ros.success, ros.final_success, ros.instruction)
+    assert lane["holds"] == {} and lane["duplicate_actions"] == 0 and lane["first_step_resets"] == 0
+    assert len(lane["latency_ms"]) == len(ros.actions) == len(ros.policy_ms) == ros.steps >= 1
+    assert lane["rationales"] and lane["rationales"][0]["step"] == 0
+    for rationale in lane["rationales"]:
+        assert ros.captions[rationale["step"]] == rationale["text"]
 
 
 @pytest.mark.slow
