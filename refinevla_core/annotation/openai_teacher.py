@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -204,62 +205,88 @@ class OpenAICompatTeacher(Teacher):
         last = ""
         attempt = 0
         while attempt <= self.config.max_retries:
-            json_mode = self._json_mode
-            self._limiter.wait()
-            retry_after: float | None = None
-            reason = "connection error"
-            with self._lock:
-                self.http_requests += 1
-            try:
-                response = self._client.post(url, json=self._body(messages), headers=self._headers)
-            except httpx.TimeoutException:
-                last = f"no answer within {self.config.timeout_s:.0f} s (timeout_s)"
-                reason = "timeout"
-            except httpx.TransportError as e:
-                last = f"{e.__class__.__name__}: {e}"
-            else:
-                status = response.status_code
-                if status == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        last = f"HTTP 200 with a body that is not JSON: {response.text[:120]!r}"
-                        reason = "HTTP 200 not JSON"
-                elif status in RETRY_STATUSES:
-                    last = f"HTTP {status}: {_server_message(response)}"
-                    reason = f"HTTP {status}"
-                    retry_after = parse_retry_after(response.headers.get("retry-after"))
-                elif status == 400 and json_mode and self.config.json_mode == "auto":
-                    # servers that lack JSON mode answer 400 in their own words ("response_format is not
-                    # supported", Gemini's "Unknown name ..."): try once without it; a 400 then is a real error
-                    with self._lock:
-                        self._json_mode = False
-                        self.json_mode_dropped = True
-                    continue  # the same attempt again, without JSON mode (not a failure of the server)
-                elif status in (401, 403):
-                    raise self._auth_error(response)
-                elif status == 404:
-                    raise TeacherError(f"{url} answered 404 ({_server_message(response)}); check --model "
-                                       f"{self.config.model!r} is served there and --base-url ends where "
-                                       "/chat/completions begins (e.g. .../v1)")
-                else:
-                    raise TeacherError(f"{url} answered HTTP {status}: {_server_message(response)}; fix the request "
-                                       "settings (model, max_tokens, image size) and rerun - done frames are kept")
+            result = self._post_once(url, messages)
+            if result.ok:
+                return result.data
+            if result.again:
+                continue  # the same attempt again, without JSON mode (not a failure of the server)
+            last = result.failure
             if attempt == self.config.max_retries:
                 break
-            with self._lock:
-                self.transport_retries += 1
-                self.retry_reasons[reason] += 1
-                delay = backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_max_s, self._rng)
-            if retry_after is not None:
-                delay = min(retry_after, MAX_RETRY_AFTER_S)
-            self._sleep(delay)
+            self._back_off(attempt, result)
             attempt += 1
         raise TeacherError(
             f"{url} failed {self.config.max_retries + 1} times in a row (last: {last}); the server is down or "
             "overloaded: lower --concurrency / set --requests-per-minute, check the server, and rerun - done frames "
             "are kept and will not be requested again"
         )
+
+    def _post_once(self, url: str, messages: list[dict[str, Any]]) -> _Attempt:
+        """One POST: the decoded body, a transient failure worth a retry, or `again` when the server refused JSON
+        mode; an answer no retry can change raises TeacherError."""
+        json_mode = self._json_mode
+        self._limiter.wait()
+        with self._lock:
+            self.http_requests += 1
+        try:
+            response = self._client.post(url, json=self._body(messages), headers=self._headers)
+        except httpx.TimeoutException:
+            return _Attempt(failure=f"no answer within {self.config.timeout_s:.0f} s (timeout_s)", reason="timeout")
+        except httpx.TransportError as e:
+            return _Attempt(failure=f"{e.__class__.__name__}: {e}")
+        status = response.status_code
+        if status == 200:
+            try:
+                return _Attempt(ok=True, data=response.json())
+            except ValueError:
+                return _Attempt(failure=f"HTTP 200 with a body that is not JSON: {response.text[:120]!r}",
+                                reason="HTTP 200 not JSON")
+        if status in RETRY_STATUSES:
+            return _Attempt(failure=f"HTTP {status}: {_server_message(response)}", reason=f"HTTP {status}",
+                            retry_after=parse_retry_after(response.headers.get("retry-after")))
+        if status == 400 and json_mode and self.config.json_mode == "auto":
+            # servers that lack JSON mode answer 400 in their own words ("response_format is not
+            # supported", Gemini's "Unknown name ..."): try once without it; a 400 then is a real error
+            with self._lock:
+                self._json_mode = False
+                self.json_mode_dropped = True
+            return _Attempt(again=True)
+        raise self._request_error(url, response)
+
+    def _request_error(self, url: str, response: httpx.Response) -> TeacherError:
+        """The error for an answer that retrying cannot fix, naming the setting to change."""
+        status = response.status_code
+        if status in (401, 403):
+            return self._auth_error(response)
+        if status == 404:
+            return TeacherError(f"{url} answered 404 ({_server_message(response)}); check --model "
+                                f"{self.config.model!r} is served there and --base-url ends where "
+                                "/chat/completions begins (e.g. .../v1)")
+        return TeacherError(f"{url} answered HTTP {status}: {_server_message(response)}; fix the request "
+                            "settings (model, max_tokens, image size) and rerun - done frames are kept")
+
+    def _back_off(self, attempt: int, result: _Attempt) -> None:
+        """Count the retry by reason, then wait: the server's Retry-After (capped), else jittered exponential."""
+        with self._lock:
+            self.transport_retries += 1
+            self.retry_reasons[result.reason] += 1
+            delay = backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_max_s, self._rng)
+        if result.retry_after is not None:
+            delay = min(result.retry_after, MAX_RETRY_AFTER_S)
+        self._sleep(delay)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """What one POST gave: the decoded body (`ok`), a transient failure (message, retry reason, the server's
+    Retry-After), or `again`: the server refused JSON mode, so the same attempt is sent without it."""
+
+    ok: bool = False
+    data: Any = None
+    failure: str = ""
+    reason: str = "connection error"
+    retry_after: float | None = None
+    again: bool = False
 
 
 def _finish_reason(data: Any) -> str | None:
