@@ -8,13 +8,13 @@ and nothing written.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from refinevla_core.annotation.config import TEACHERS, AnnotationConfig
 from refinevla_core.config import ConfigError, find_config_file, load_config, parse_overrides
+from refinevla_core.io import atomic_write_json
 
 EXIT_ERROR = 1
 EXIT_FRAMES_FAILED = 4
@@ -142,7 +142,5 @@ def run(args: argparse.Namespace) -> int:
     print(summary.text())
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.summary_json.with_name(args.summary_json.name + ".tmp")
-        tmp.write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
-        tmp.replace(args.summary_json)
+        atomic_write_json(args.summary_json, summary.to_dict())
     return EXIT_FRAMES_FAILED if summary.any_failed else 0
