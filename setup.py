@@ -4,6 +4,7 @@ The ROS 2 package (messages, nodes, launch files) is built by CMakeLists.txt: co
 ./setup.sh with the pip ROS wheels.
 """
 
+import configparser
 import shutil
 from pathlib import Path
 
@@ -30,15 +31,15 @@ NODE_SCRIPTS = [
     for name in ("policy", "sim_bridge", "widowx", "observation_check")
 ] + ["refinevla-topic = refinevla_ros.topic_cli:main"]
 
-# What the ROS package adds to the ROS-free `refinevla` command (refinevla_core.plugins reads these groups, so
-# refinevla_core never names refinevla_ros): subcommands, benchmarks, the `eval --via ros*` backend, the demo's lanes.
-ROS_PLUGINS = {
-    "refinevla.commands": ["record = refinevla_ros.record"],
-    "refinevla.benches": ["ros = refinevla_ros.bench", "sim = refinevla_ros.bench_sim",
-                          "record = refinevla_ros.bench_record"],
-    "refinevla.eval_backends": ["ros = refinevla_ros.sim_eval_client:evaluate_via_ros"],
-    "refinevla.demo_lanes": ["ros = refinevla_ros.demo_eval"],
-}
+
+def ros_plugins() -> dict[str, list[str]]:
+    """What the ROS package adds to the `refinevla` command (entry point groups read by refinevla_core.plugins, so
+    refinevla_core never names refinevla_ros), from refinevla_ros/entry_points.cfg: colcon installs read it too."""
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parent / "refinevla_ros" / "entry_points.cfg")
+    return {group: [line.strip() for line in value.splitlines() if line.strip()]
+            for group, value in cfg["options.entry_points"].items()}
+
 
 setup(
     name="refinevla",
@@ -74,5 +75,5 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.8", "tensorboardX>=2.6"],
     },
     cmdclass={"build_py": BuildWithPresets},
-    entry_points={"console_scripts": ["refinevla = refinevla_core.cli:main", *NODE_SCRIPTS], **ROS_PLUGINS},
+    entry_points={"console_scripts": ["refinevla = refinevla_core.cli:main", *NODE_SCRIPTS], **ros_plugins()},
 )

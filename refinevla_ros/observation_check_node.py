@@ -18,7 +18,13 @@ from refinevla.msg import Rationale as RationaleMsg
 from refinevla_core.rationale import Rationale
 from refinevla_ros.conversions import ImageConversionError, decode_text, image_to_rgb, rationale_to_msg
 from refinevla_ros.run import run_node
-from refinevla_ros.topics import CAMERA_QOS, IMAGE_TOPIC, INSTRUCTION_QOS, INSTRUCTION_TOPIC
+from refinevla_ros.topics import (
+    CAMERA_QOS,
+    IMAGE_TOPIC,
+    INSTRUCTION_QOS,
+    INSTRUCTION_TOPIC,
+    OBSERVATION_CHECK_TOPIC,
+)
 
 
 class ObservationCheckNode(Node):
@@ -28,7 +34,7 @@ class ObservationCheckNode(Node):
         self.instruction = ""
         self.frames = 0
         self.first_frame_time: float | None = None
-        self.report_pub = self.create_publisher(RationaleMsg, "/refinevla/observation_check", 10)
+        self.report_pub = self.create_publisher(RationaleMsg, OBSERVATION_CHECK_TOPIC, 10)
         self.create_subscription(String, INSTRUCTION_TOPIC, self.on_instruction, INSTRUCTION_QOS)
         self.create_subscription(Image, IMAGE_TOPIC, self.on_image, CAMERA_QOS)
 

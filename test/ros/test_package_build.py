@@ -70,3 +70,21 @@ def test_installed_python_packages_import_from_the_prefix(installed):
     assert r.returncode == 0, r.stderr[-3000:]
     paths = r.stdout.split()[:3]
     assert all(p.startswith(str(installed)) for p in paths), paths
+
+
+def test_the_ros_package_registers_its_entry_points_in_the_prefix(installed):
+    """What the ROS package adds to `refinevla` (record, the ROS benches, eval --via ros*, the demo's lanes) is found
+    through entry points (refinevla_core.plugins); a colcon install registers the same ones as pip install."""
+    import configparser
+    import importlib.metadata
+
+    site = installed / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (info,) = site.glob("refinevla_ros-*.egg-info")
+    registered = {(ep.group, ep.name, ep.value) for ep in importlib.metadata.PathDistribution(info).entry_points}
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "refinevla_ros" / "entry_points.cfg")
+    listed = {(group, *(part.strip() for part in line.split("=", 1)))
+              for group, value in cfg["options.entry_points"].items() for line in value.splitlines() if line.strip()}
+    assert len(listed) == 6 and ("refinevla.eval_backends", "ros", "refinevla_ros.sim_eval_client:evaluate_via_ros") \
+        in listed
+    assert registered == listed
