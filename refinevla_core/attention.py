@@ -13,7 +13,8 @@ rationale_then_action order) is generated first, then one teacher-forced forward
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,24 +104,19 @@ def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
     return sorted(set(out))
 
 
-def _eager(vlm: Any) -> Any:
-    """Context: the language model's attention implementation switched to eager (weights are only returned there)."""
-    import contextlib
-
+@contextlib.contextmanager
+def _eager(vlm: Any) -> Iterator[None]:
+    """The language model's attention implementation switched to eager for the block (weights are only returned
+    there), and back afterwards."""
     lm = vlm.model.language_model
-
-    @contextlib.contextmanager
-    def switch() -> Any:
-        before = lm.config._attn_implementation
+    before = lm.config._attn_implementation  # noqa: SLF001, RUF100 (transformers: no public getter)
+    if before != "eager":
+        lm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
         if before != "eager":
-            lm.set_attn_implementation("eager")
-        try:
-            yield
-        finally:
-            if before != "eager":
-                lm.set_attn_implementation(before)
-
-    return switch()
+            lm.set_attn_implementation(before)
 
 
 @torch.no_grad()
