@@ -1,6 +1,6 @@
 """The ReFineVLA model: a PaliGemma(2) vision-language model that writes a rationale and 7 action tokens.
 
-    tokenizer.py                 ActionTokenizer: 7-D actions <-> 256 bins per dimension; gripper conventions
+    tokenizer.py                 ActionTokenizer: 7-D actions <-> 256 bins per dimension
     configuration_refinevla.py   RefineVLAConfig: base model spec, target order, prompt, token layout
     processor_refinevla.py       image + instruction (+ targets) -> model inputs, labels and loss masks
     modeling_refinevla.py        RefineVLA: the HF PaliGemmaForConditionalGeneration plus constrained decoding
