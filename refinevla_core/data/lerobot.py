@@ -32,6 +32,7 @@ against the `lerobot` package itself, which is not installed here.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -344,11 +345,45 @@ class LeRobotReader:
     def read_episode(self, index: int, drop_bad_frames: bool | None = None) -> list[Episode]:
         """Episode `index` as one Episode, or several where its task changes; non-finite actions raise DataError
         naming the episode and frame, or are dropped and counted with drop_bad_frames (None: the reader's)."""
-        cfg = self.config
         if drop_bad_frames is None:
             drop_bad_frames = self.drop_bad_frames
         where = f"{self.root} episode {index}"
         table = self._episode_table(index)
+        actions, bad = self._bridge_actions(table, where, drop_bad_frames)
+        task_idx = self._task_indices(index, table, where)
+        images = self._images(index, table, where)
+        if len(images) != len(actions):
+            raise DataError(f"{where}: {len(images)} images for {len(actions)} actions")
+        self.report.episodes_read += 1
+        self.report.dropped_bad_frames += int(bad.sum())
+        pieces: list[Episode] = []
+        n = len(actions)
+        task_changes = [i for i in range(1, n) if task_idx[i] != task_idx[i - 1]]
+        for start, end in itertools.pairwise([0, *task_changes, n]):
+            keep = [i for i in range(start, end) if not bad[i]]
+            if not keep:
+                self.report.dropped_short_episodes += 1
+                continue
+            frames = [resize_rgb(images[i], self.config.image_size) for i in keep]
+            if len({f.shape for f in frames}) != 1:
+                raise DataError(f"{where}: image sizes differ within the episode; set image_size: [height, width]")
+            episode = Episode(
+                images=np.stack(frames), actions=actions[keep].astype(np.float32),
+                instruction=self.tasks[int(task_idx[start])], task=self.config.task,
+                metadata={"source": "lerobot", "dataset": str(self.root), "lerobot_episode": index,
+                          "first_frame": start, "image_key": self.image_key, "fps": self.fps},
+            )
+            episode.validate(where=f"{where} frames {start}..{end - 1}")
+            pieces.append(episode)
+        self.report.split_at_task_change += max(0, len(pieces) - 1)
+        self.report.episodes += len(pieces)
+        self.report.frames += sum(len(p) for p in pieces)
+        return pieces
+
+    def _bridge_actions(self, table: Any, where: str, drop_bad_frames: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(actions (N, 7) float64 with the gripper in Bridge's [0, 1], mask of non-finite rows); DataError for a
+        non-finite row unless drop_bad_frames, and for gripper values the configured convention does not explain."""
+        cfg = self.config
         actions = _column_array(table, cfg.action_key, where)
         if actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
             raise DataError(f"{where}: {cfg.action_key!r} rows have {actions.shape[1:]} values, expected {ACTION_DIM}")
@@ -369,37 +404,7 @@ class LeRobotReader:
                 "gripper_convention: plus_minus_one for -1..+1 data, closed_is_one for 1 = closed data"
             )
         actions[:, 6] = np.clip(actions[:, 6], 0.0, 1.0)
-        task_idx = self._task_indices(index, table, where)
-        images = self._images(index, table, where)
-        if len(images) != len(actions):
-            raise DataError(f"{where}: {len(images)} images for {len(actions)} actions")
-        self.report.episodes_read += 1
-        self.report.dropped_bad_frames += int(bad.sum())
-        pieces: list[Episode] = []
-        start = 0
-        n = len(actions)
-        for end in [*[i for i in range(1, n) if task_idx[i] != task_idx[i - 1]], n]:
-            keep = [i for i in range(start, end) if not bad[i]]
-            piece_start = start
-            start = end
-            if not keep:
-                self.report.dropped_short_episodes += 1
-                continue
-            frames = [resize_rgb(images[i], cfg.image_size) for i in keep]
-            if len({f.shape for f in frames}) != 1:
-                raise DataError(f"{where}: image sizes differ within the episode; set image_size: [height, width]")
-            episode = Episode(
-                images=np.stack(frames), actions=actions[keep].astype(np.float32),
-                instruction=self.tasks[int(task_idx[piece_start])], task=cfg.task,
-                metadata={"source": "lerobot", "dataset": str(self.root), "lerobot_episode": index,
-                          "first_frame": piece_start, "image_key": self.image_key, "fps": self.fps},
-            )
-            episode.validate(where=f"{where} frames {piece_start}..{end - 1}")
-            pieces.append(episode)
-        self.report.split_at_task_change += max(0, len(pieces) - 1)
-        self.report.episodes += len(pieces)
-        self.report.frames += sum(len(p) for p in pieces)
-        return pieces
+        return actions, bad
 
     def _task_indices(self, index: int, table: Any, where: str) -> np.ndarray:
         if "task_index" in table.column_names:
