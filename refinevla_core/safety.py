@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from refinevla_core.gripper import GRIPPER_OPEN  # Bridge convention: 1 = open, 0 = closed
+
 TRANSLATION_AXES = ("x", "y", "z")
 DELTA_AXES = ("x", "y", "z", "roll", "pitch", "yaw")
-GRIPPER_OPEN = 1.0  # Bridge convention: 1 = open, 0 = closed
 
 
 @dataclass
