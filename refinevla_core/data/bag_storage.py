@@ -66,7 +66,6 @@ def make_typestore() -> Any:
     return store
 
 
-
 # ---- writing (the recorder's storage) --------------------------------------------------------------------------
 
 
