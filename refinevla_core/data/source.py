@@ -8,7 +8,7 @@ dataset, refinevla_core.data.lerobot).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from refinevla_core.data.episode import Episode
 
@@ -19,6 +19,7 @@ class SourceReport(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
+@runtime_checkable
 class EpisodeSource(Protocol):
     """A reader of one source of recorded episodes; its settings (topics, keys, drop_bad_frames) are given when it is
     made, and `report` fills while source_episodes() runs."""
@@ -32,5 +33,5 @@ class EpisodeSource(Protocol):
 
     def source_episodes(self) -> Iterator[list[Episode]]:
         """Per source episode, in order, the validated Episodes it became: usually one; several where a LeRobot
-        episode's task changes; dropped (short) episodes are left out and counted in the report."""
+        episode's task changes; none where all of it was dropped (counted in the report)."""
         ...

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from refinevla_core.data import convert
+from refinevla_core.data.bag_topics import BagTopicsConfig
 from refinevla_core.data.episode_dataset import EpisodeDataset
+from refinevla_core.data.lerobot import LeRobotConfig
+from refinevla_core.data.source import EpisodeSource
 from refinevla_core.data.stats import load_dataset_stats
 from test.core.bagutil import delta, demo_timeline, frame_rgb, image, write_bag
 from test.core.lerobot_writer import write_lerobot_dataset
@@ -155,6 +158,21 @@ def test_lerobot_dataset_converts(tmp_path, capsys):
     config.write_text("image_key: observation.images.wrist\n")
     assert run_convert("--lerobot", str(src), "--out", str(tmp_path / "ds2"), "--config", str(config)) == 1
     assert "not a camera" in capsys.readouterr().err
+
+
+def test_bag_and_lerobot_readers_are_episode_sources(tmp_path, bag):
+    """convert drives both formats through the one EpisodeSource protocol: a bag yields its episodes one by one
+    (count unknown up front), a LeRobot dataset one list per dataset episode (count known)."""
+    bag_path, _ = bag
+    lerobot = write_lerobot_dataset(tmp_path / "lr", make_episodes(), image_storage="image")
+    readers, fps = convert.open_sources("bag", [bag_path], BagTopicsConfig(), drop_bad_frames=False)
+    assert fps is None and all(isinstance(r, EpisodeSource) for r in readers)
+    assert readers[0].expected_episodes() is None
+    assert [len(pieces) for pieces in readers[0].source_episodes()] == [1, 1]
+    assert readers[0].report.to_dict()["episodes"] == 2
+    (reader,), fps = convert.open_sources("lerobot", [lerobot], LeRobotConfig(), drop_bad_frames=False)
+    assert isinstance(reader, EpisodeSource) and fps == 5.0 and reader.expected_episodes() == 2
+    assert [[len(e) for e in pieces] for pieces in reader.source_episodes()] == [[4], [3]]
 
 
 def test_the_refinevla_command_runs_convert(tmp_path, bag):
