@@ -73,16 +73,10 @@ def count_lines(path: Path) -> int:
         return 0
 
 
-def evaluate_models(models: list[ModelSettings], checkpoints: dict[str, str], collect: CollectSettings,
-                    settings: EvalSettings, eval_dir: Path, *, progress: bool = True,
-                    references: list[str] | None = None, reference_dir: Path | None = None) -> dict[str, Any]:
-    """Run the lanes for `models` (and the references, in a worker process meanwhile); returns per-model summaries
-    and, when asked, the references' summary."""
-    from tqdm import tqdm
-
-    lane_module = require_plugin(DEMO_LANES, "ros", "the closed-loop evaluation (it runs the ROS nodes)").module
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    sim = sim_settings(collect, settings)
+def start_lanes(lane_module: str, models: list[ModelSettings], checkpoints: dict[str, str], sim: dict[str, Any], *,
+                settings: EvalSettings, eval_dir: Path) -> tuple[list[tuple[subprocess.Popen, Any, Path]], str]:
+    """One `python -m <lane_module> --spec lane_k.json` process per lane (models dealt round-robin, each lane with
+    its own candidate ROS domains): [(process, open log, log path)] and how the lanes are isolated."""
     lanes = max(1, min(settings.lanes, len(models)))
     domains = random.Random(f"{os.getpid()}:{time.time()}").sample(range(1, 101), 100)
     procs = []
@@ -104,6 +98,20 @@ def evaluate_models(models: list[ModelSettings], checkpoints: dict[str, str], co
         log.flush()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=loopback_env(eval_dir / "ros_logs"))
         procs.append((proc, log, eval_dir / f"lane_{k}.log"))
+    return procs, isolation
+
+
+def evaluate_models(models: list[ModelSettings], checkpoints: dict[str, str], collect: CollectSettings,
+                    settings: EvalSettings, eval_dir: Path, *, progress: bool = True,
+                    references: list[str] | None = None, reference_dir: Path | None = None) -> dict[str, Any]:
+    """Run the lanes for `models` (and the references, in a worker process meanwhile); returns per-model summaries
+    and, when asked, the references' summary."""
+    from tqdm import tqdm
+
+    lane_module = require_plugin(DEMO_LANES, "ros", "the closed-loop evaluation (it runs the ROS nodes)").module
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    sim = sim_settings(collect, settings)
+    procs, isolation = start_lanes(lane_module, models, checkpoints, sim, settings=settings, eval_dir=eval_dir)
     total = settings.episodes * len(models)
     bar = tqdm(total=total, desc="evaluate (ROS nodes)", unit="ep", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
