@@ -68,14 +68,44 @@ def to_policy_output(action: Any, started: float, name: str, **timings: float) -
 
 
 class _AdapterPolicy:
-    name = "adapter"
+    """What both adapters share: opt-in loading of remote code, device/dtype placement, batching by rows."""
 
-    def __init__(self, model: Any, processor: Any, device: str = "cpu", dtype: Any = None) -> None:
+    name = "adapter"
+    DEFAULT_ID = ""
+    DEFAULT_UNNORM_KEY = ""
+
+    def __init__(self, model: Any, processor: Any, unnorm_key: str | None = None, device: str = "cpu",
+                 dtype: Any = None) -> None:
         self.model = model
         self.processor = processor
+        self.unnorm_key = unnorm_key or self.DEFAULT_UNNORM_KEY
         self.device = device
         self.dtype = dtype
         self.last_chunk: np.ndarray | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_id: str | None = None, *, trust_remote_code: bool = False, device: str = "cuda",
+                        dtype: str = "bfloat16", unnorm_key: str | None = None) -> Any:
+        """Load the model and processor from a hub id or local folder (the model card's loading code); refused
+        unless trust_remote_code=True, since the checkpoint ships the code that runs."""
+        model_id = model_id or cls.DEFAULT_ID
+        _require_trust(cls.name, model_id, trust_remote_code)
+        import torch
+        from transformers import AutoProcessor
+
+        torch_dtype = getattr(torch, dtype)
+        try:
+            processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+            model = cls.load_model(model_id, torch_dtype).eval().to(device)
+        except AdapterError:
+            raise
+        except Exception as e:  # hub, remote-code and version errors come in many types
+            raise _load_failed(cls.name, model_id, e) from e
+        return cls(model, processor, unnorm_key=unnorm_key, device=device, dtype=torch_dtype)
+
+    @staticmethod
+    def load_model(model_id: str, torch_dtype: Any) -> Any:
+        raise NotImplementedError
 
     def reset(self) -> None:
         """Stateless between steps (no rationale cache): nothing to forget but the last chunk."""
@@ -101,28 +131,14 @@ class SpatialVLAPolicy(_AdapterPolicy):
     """SpatialVLA (PaliGemma2-based; the paper's base model), per its model card."""
 
     name = "SpatialVLA"
+    DEFAULT_ID = SPATIALVLA_DEFAULT
+    DEFAULT_UNNORM_KEY = "bridge_orig/1.0.0"
 
-    def __init__(self, model: Any, processor: Any, unnorm_key: str = "bridge_orig/1.0.0", device: str = "cpu",
-                 dtype: Any = None) -> None:
-        super().__init__(model, processor, device, dtype)
-        self.unnorm_key = unnorm_key
+    @staticmethod
+    def load_model(model_id: str, torch_dtype: Any) -> Any:
+        from transformers import AutoModel
 
-    @classmethod
-    def from_pretrained(cls, model_id: str = SPATIALVLA_DEFAULT, *, trust_remote_code: bool = False,
-                        device: str = "cuda", dtype: str = "bfloat16",
-                        unnorm_key: str = "bridge_orig/1.0.0") -> SpatialVLAPolicy:
-        _require_trust(cls.name, model_id, trust_remote_code)
-        import torch
-        from transformers import AutoModel, AutoProcessor
-
-        torch_dtype = getattr(torch, dtype)
-        try:
-            processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-            model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype=torch_dtype,
-                                              use_safetensors=True).eval().to(device)
-        except Exception as e:  # hub, remote-code and version errors come in many types
-            raise _load_failed(cls.name, model_id, e) from e
-        return cls(model, processor, unnorm_key=unnorm_key, device=device, dtype=torch_dtype)
+        return AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype=torch_dtype, use_safetensors=True)
 
     def predict(self, image: np.ndarray, instruction: str) -> PolicyOutput:
         from PIL import Image
@@ -142,38 +158,23 @@ class OpenVLAPolicy(_AdapterPolicy):
 
     name = "OpenVLA"
     PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
+    DEFAULT_ID = OPENVLA_DEFAULT
+    DEFAULT_UNNORM_KEY = "bridge_orig"
 
-    def __init__(self, model: Any, processor: Any, unnorm_key: str = "bridge_orig", device: str = "cpu",
-                 dtype: Any = None) -> None:
-        super().__init__(model, processor, device, dtype)
-        self.unnorm_key = unnorm_key
-
-    @classmethod
-    def from_pretrained(cls, model_id: str = OPENVLA_DEFAULT, *, trust_remote_code: bool = False,
-                        device: str = "cuda", dtype: str = "bfloat16",
-                        unnorm_key: str = "bridge_orig") -> OpenVLAPolicy:
-        _require_trust(cls.name, model_id, trust_remote_code)
-        import torch
-        from transformers import AutoConfig, AutoProcessor
+    @staticmethod
+    def load_model(model_id: str, torch_dtype: Any) -> Any:
+        """The model class its auto_map names (OpenVLA predates transformers' Auto classes for it)."""
+        from transformers import AutoConfig
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-        torch_dtype = getattr(torch, dtype)
-        try:
-            processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-            config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
-            auto_map = getattr(config, "auto_map", {}) or {}
-            ref = next((auto_map[k] for k in ("AutoModelForVision2Seq", "AutoModelForImageTextToText", "AutoModel")
-                        if k in auto_map), None)
-            if ref is None:
-                raise AdapterError(f"{model_id} has no model class in its auto_map ({sorted(auto_map)})")
-            model_cls = get_class_from_dynamic_module(ref, model_id)
-            model = model_cls.from_pretrained(model_id, dtype=torch_dtype, use_safetensors=True,
-                                              trust_remote_code=True).eval().to(device)
-        except AdapterError:
-            raise
-        except Exception as e:
-            raise _load_failed(cls.name, model_id, e) from e
-        return cls(model, processor, unnorm_key=unnorm_key, device=device, dtype=torch_dtype)
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
+        auto_map = getattr(config, "auto_map", {}) or {}
+        ref = next((auto_map[k] for k in ("AutoModelForVision2Seq", "AutoModelForImageTextToText", "AutoModel")
+                    if k in auto_map), None)
+        if ref is None:
+            raise AdapterError(f"{model_id} has no model class in its auto_map ({sorted(auto_map)})")
+        model_cls = get_class_from_dynamic_module(ref, model_id)
+        return model_cls.from_pretrained(model_id, dtype=torch_dtype, use_safetensors=True, trust_remote_code=True)
 
     def predict(self, image: np.ndarray, instruction: str) -> PolicyOutput:
         from PIL import Image
