@@ -2,6 +2,7 @@
 
 A backend speaks the project's action convention only (Bridge: dx, dy, dz m; droll, dpitch, dyaw rad; gripper 1 = open,
 0 = closed) and converts to its simulator's own convention inside. backend.py picks one (make_backend).
+
 Privileged state (`privileged_state()`), one JSON-able dict per frame, metres, world frame (x forward, y left, z up):
     {"task": "PushCube-v1", "phase": "approach"|"grasp"|"lift"|"transport"|"place"|"push"|"release"|"done",
      "objects": {"cube": {"position": [x,y,z], "orientation_wxyz": [w,x,y,z], "description": "blue cube",
