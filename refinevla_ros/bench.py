@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from refinevla_core.stamps import split_ns
 from refinevla_ros.harness.processes import NodeProcess, node_command, private_domain, use_loopback_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +229,7 @@ def _camera_phase(args: argparse.Namespace, peer: _Peer, node: NodeProcess, seco
             # stamped on the node clock, as a camera driver does (the node holds on stamps older than its timeout)
             stamp = peer.node.get_clock().now().nanoseconds
             msg = messages[i % len(messages)]
-            msg.header.stamp.sec, msg.header.stamp.nanosec = stamp // 1_000_000_000, stamp % 1_000_000_000
+            msg.header.stamp.sec, msg.header.stamp.nanosec = split_ns(stamp)
             published_at[stamp] = time.perf_counter()
             peer.camera.publish(msg)
             i += 1

@@ -25,6 +25,7 @@ from refinevla_core.data.images import (  # noqa: F401  (re-exported: nodes impo
 from refinevla_core.data.images import compressed_to_rgb as compressed_bytes_to_rgb
 from refinevla_core.rationale import Rationale
 from refinevla_core.stamps import (
+    NS_PER_S,
     split_ns,
     stamp_to_ns,  # noqa: F401  (re-exported: nodes import it from here)
 )
@@ -144,4 +145,4 @@ def serialized_stamp_ns(serialized: bytes) -> int:
     if len(serialized) < 12:
         return 0
     sec, nanosec = struct.unpack_from("<iI" if serialized[1] == 1 else ">iI", serialized, 4)
-    return sec * 1_000_000_000 + nanosec
+    return sec * NS_PER_S + nanosec

@@ -136,7 +136,7 @@ class BridgeClient:
 
     def _on_state(self, msg: String) -> None:
         payload = json.loads(msg.data)
-        ns = int(payload["stamp"]["sec"]) * 1_000_000_000 + int(payload["stamp"]["nanosec"])
+        ns = stamp_to_ns(payload["stamp"])
         self.states[ns] = payload["state"]
         _keep_newest(self.states, 8)
 

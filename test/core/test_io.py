@@ -74,3 +74,4 @@ def test_stamps_round_trip(ns):
     sec, nanosec = split_ns(ns)
     assert 0 <= nanosec < 1_000_000_000
     assert stamp_to_ns(SimpleNamespace(sec=sec, nanosec=nanosec)) == ns
+    assert stamp_to_ns({"sec": sec, "nanosec": nanosec}) == ns  # the JSON form the sim bridge publishes
