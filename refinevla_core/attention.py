@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from refinevla_core.model.processor_refinevla import ACTION_DIM, check_image
 
@@ -52,8 +53,6 @@ class AttentionMap:
 
     def heatmap(self, size: tuple[int, int]) -> np.ndarray:
         """The grid scaled to [0, 1] and resized (bilinear) to (height, width)."""
-        from PIL import Image
-
         g = self.grid.astype(np.float32)
         span = float(g.max() - g.min())
         g = (g - g.min()) / span if span > 0 else np.zeros_like(g)
@@ -63,7 +62,6 @@ class AttentionMap:
     def overlay(self, image: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> Any:
         """PIL RGB image: the input with the heatmap blended on top (colormap from matplotlib)."""
         import matplotlib
-        from PIL import Image
 
         check_image(image)
         if not 0.0 <= alpha <= 1.0:
