@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from refinevla_ros.sim_eval_client import evaluate_via_ros
 from test.sim.standin_policy import make
 
 pytestmark = pytest.mark.sim
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_policy_node_through_bridge_gives_the_in_process_numbers(push_cube):
@@ -34,6 +38,23 @@ def test_policy_node_through_bridge_gives_the_in_process_numbers(push_cube):
     assert len(ros.frames) > len(local.frames) // 2, (len(ros.frames), len(local.frames))
     local_frames = {f.tobytes() for f in local.frames}
     assert all(f.tobytes() in local_frames for f in ros.frames), (len(ros.frames), len(local.frames))
+
+
+def test_the_eval_command_via_policy_node_from_any_folder(tmp_path, push_cube):
+    """What a user types, from a folder outside the repository: `refinevla eval --via ros-policy-node` finds the ROS
+    backend through its entry point (refinevla_core names no ROS module), and its report holds the in-process
+    numbers."""
+    local = run_episode(make(), push_cube, 50)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the stand-in policy lives in the repository's test package
+    command = [sys.executable, "-m", "refinevla_core", "eval", "--via", "ros-policy-node", "--policy-factory",
+               "test.sim.standin_policy:make", "--tasks", "PushCube-v1", "--episodes", "1", "--seed", "50",
+               "--image-size", str(push_cube.config.image_size), "--videos", "0", "--out", "report"]
+    r = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    (episode,) = json.loads((tmp_path / "report" / "report.json").read_text())["episodes"]
+    assert episode["via"] == "ros-policy-node"
+    assert (episode["steps"], episode["success"], episode["instruction"]) == (local.steps, local.success,
+                                                                              local.instruction)
 
 
 def test_the_demo_lane_and_eval_via_policy_node_agree(tmp_path, push_cube, monkeypatch):
