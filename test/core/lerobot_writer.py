@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image as PILImage
 
 from refinevla_core.data.episode import ACTION_DIM, DataError, Episode
 from refinevla_core.data.lerobot import BRIDGE_ACTION_NAMES
@@ -197,8 +199,6 @@ class _LayoutWriter:
 
 
 def _encode_video(path: Path, frames: Sequence[np.ndarray], fps: float, codec: str) -> None:
-    import av
-
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = frames[0].shape[:2]
     if h % 2 or w % 2:
@@ -223,8 +223,6 @@ def _encode_video(path: Path, frames: Sequence[np.ndarray], fps: float, codec: s
 
 
 def _png(rgb: np.ndarray) -> bytes:
-    from PIL import Image as PILImage
-
     out = io.BytesIO()
     PILImage.fromarray(rgb).save(out, format="PNG")
     return out.getvalue()
