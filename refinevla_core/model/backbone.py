@@ -80,15 +80,19 @@ def train_offline_tokenizer(vocab_size: int) -> Any:
     """A Gemma-style (SentencePiece-like) BPE tokenizer trained on `tokenizer_corpus()`; no download.
 
     <pad>=0 <eos>=1 <bos>=2 <unk>=3 and 256 byte-fallback tokens like Gemma's, so any text (accents, digits, emoji)
-    encodes. Returns a transformers GemmaTokenizer.
+    encodes. Pieces never cross a space, like SentencePiece's (split_by_whitespace): an instruction is one token per
+    word. Merging across spaces turned "push the blue cube to the red target" into 3 pieces, and action-only runs on
+    the demo's data then ended at ~1.6x the translation error (3 of 3 runs, 4/30 closed loop vs 15-18/30; see
+    docs/demo.md "What the tokenizer did"). Returns a transformers GemmaTokenizer.
     """
-    from tokenizers import Tokenizer, models, normalizers, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     bpe.normalizer = normalizers.Replace(" ", "▁")
+    bpe.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # "▁word" pieces, none across words
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False)
     bpe.train_from_iterator(tokenizer_corpus(), trainer)
     model = json.loads(bpe.to_str())["model"]
