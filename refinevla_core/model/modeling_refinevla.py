@@ -88,14 +88,21 @@ class ActionGrammar:
 
     # state of one row from its generated tokens: ("free", mask) | ("force", id) | ("action", None) | ("done", None)
     def _state(self, gen: list[int]) -> tuple[str, Any]:
-        lay, n = self.lay, len(gen)
         if self.plan == "action":
-            return ("action", None) if n < ACTION_DIM else ("done", None)
+            return ("action", None) if len(gen) < ACTION_DIM else ("done", None)
         if self.plan == "rationale_then_action":
-            if lay.begin_action_id not in gen:
-                return ("force", lay.begin_action_id) if n >= self.max_rationale else ("free", self.free_until_action)
-            k = n - gen.index(lay.begin_action_id) - 1
-            return ("action", None) if k < ACTION_DIM else ("done", None)
+            return self._state_rationale_first(gen)
+        return self._state_action_first(gen)
+
+    def _state_rationale_first(self, gen: list[int]) -> tuple[str, Any]:
+        lay, n = self.lay, len(gen)
+        if lay.begin_action_id not in gen:
+            return ("force", lay.begin_action_id) if n >= self.max_rationale else ("free", self.free_until_action)
+        k = n - gen.index(lay.begin_action_id) - 1
+        return ("action", None) if k < ACTION_DIM else ("done", None)
+
+    def _state_action_first(self, gen: list[int]) -> tuple[str, Any]:
+        lay, n = self.lay, len(gen)
         if n < ACTION_DIM:
             return ("action", None)
         if n == ACTION_DIM:

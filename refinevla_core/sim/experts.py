@@ -160,19 +160,24 @@ def stack_cube(state: dict[str, Any]) -> tuple[str, np.ndarray]:
     xy_err = float(np.linalg.norm(goal[:2] - red[:2]))
     on_top = xy_err < 0.015 and abs(red[2] - goal[2]) < 0.008
     if g.get("holding") == "red_cube":
-        if on_top:
-            return "release", _action(np.zeros(3), OPEN)
-        carry_z = goal[2] + 0.025
-        if xy_err > 0.01:
-            if red[2] < carry_z - 0.01:  # lift clear of the green cube before moving sideways
-                return "lift", _action(_move(red, np.array([red[0], red[1], carry_z + 0.01])), CLOSED)
-            return "transport", _action(_move(red, np.array([goal[0], goal[1], carry_z])), CLOSED)
-        return "place", _action(_move(red, goal + np.array([0, 0, 0.002]), gain=0.8), CLOSED)
+        return _carry_onto(red, goal, xy_err, on_top)
     if on_top:
         if opening < OPEN_ENOUGH:
             return "release", _action(np.zeros(3), OPEN)
         return "done", _action(_move(tcp, np.array([tcp[0], tcp[1], goal[2] + 0.08])), OPEN)
     return _grasp_branch(state, "red_cube")
+
+
+def _carry_onto(red: np.ndarray, goal: np.ndarray, xy_err: float, on_top: bool) -> tuple[str, np.ndarray]:
+    """StackCube while holding the red cube: lift clear, move over the green cube, lower, release."""
+    if on_top:
+        return "release", _action(np.zeros(3), OPEN)
+    carry_z = goal[2] + 0.025
+    if xy_err > 0.01:
+        if red[2] < carry_z - 0.01:  # lift clear of the green cube before moving sideways
+            return "lift", _action(_move(red, np.array([red[0], red[1], carry_z + 0.01])), CLOSED)
+        return "transport", _action(_move(red, np.array([goal[0], goal[1], carry_z])), CLOSED)
+    return "place", _action(_move(red, goal + np.array([0, 0, 0.002]), gain=0.8), CLOSED)
 
 
 EXPERTS = {"PushCube-v1": push_cube, "PickCube-v1": pick_cube, "StackCube-v1": stack_cube}

@@ -319,18 +319,9 @@ def _strip_peft_prefix(name: str) -> str:
 
 
 def _group_of(name: str, parts: ModelParts, layer_index: dict[str, int]) -> str | int:
-    if "lora_" in name:
-        return "LoRA adapters"
-    if name.endswith(".rows") or name == "rows":
-        return "new-token rows"
-    if parts.vision and name.startswith(parts.vision + "."):
-        return "vision tower"
-    if parts.projector and name.startswith(parts.projector + "."):
-        return "projector"
-    if name.startswith(parts.embeddings + "."):
-        return "embeddings"
-    if parts.head and name.startswith(parts.head + "."):
-        return "output head"
+    named = _named_group(name, parts)
+    if named is not None:
+        return named
     m = re.match(r"(.*\.layers\.\d+)\.", name)
     if m and m.group(1) in layer_index:
         return layer_index[m.group(1)]
@@ -338,6 +329,20 @@ def _group_of(name: str, parts: ModelParts, layer_index: dict[str, int]) -> str 
     if name.startswith(lm_prefix):
         return "language final norm"
     return "other"
+
+
+def _named_group(name: str, parts: ModelParts) -> str | None:
+    """The report group of a parameter outside the numbered language layers, or None."""
+    if "lora_" in name:
+        return "LoRA adapters"
+    if name.endswith(".rows") or name == "rows":
+        return "new-token rows"
+    prefixes = (("vision tower", parts.vision), ("projector", parts.projector), ("embeddings", parts.embeddings),
+                ("output head", parts.head))
+    for group, prefix in prefixes:
+        if prefix and name.startswith(prefix + "."):
+            return group
+    return None
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
