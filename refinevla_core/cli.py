@@ -112,6 +112,10 @@ class Parser(argparse.ArgumentParser):
     def known_options(self) -> list[str]:
         return list(self._option_string_actions)
 
+    def arguments(self) -> list[argparse.Action]:
+        """Every argument and option it declares (for the help checks in the tests)."""
+        return list(self._actions)
+
     def subcommands(self) -> dict[str, argparse.ArgumentParser]:
         for action in self._actions:
             if action.nargs == argparse.PARSER:

@@ -101,9 +101,9 @@ def test_known_abbreviations_and_negative_numbers_are_not_unknown_options():
 def test_every_help_has_examples_and_every_option_a_description():
     assert "examples:" in cli.build_parser().format_help()
     for name in cli.SUBCOMMANDS:
-        sub = cli._subparsers(cli.build_parser(name))[name]
+        sub = cli.build_parser(name).subcommands()[name]
         assert "examples:" in sub.format_help(), name
-        undescribed = [a.option_strings or a.dest for a in sub._actions if not a.help]
+        undescribed = [a.option_strings or a.dest for a in sub.arguments() if not a.help]
         assert not undescribed, (name, undescribed)
 
 
@@ -113,7 +113,7 @@ def test_the_demo_help_examples_are_valid_overrides():
     from refinevla_core.config import parse_overrides
     from refinevla_core.demo.config import load_demo_config
 
-    text = cli._subparsers(cli.build_parser("demo"))["demo"].format_help()
+    text = cli.build_parser("demo").subcommands()["demo"].format_help()
     examples = re.findall(r"--set ([a-z_.]+=\S+)", text)
     assert len(examples) >= 2
     config = load_demo_config(overrides=parse_overrides(examples))
