@@ -258,38 +258,11 @@ class ChatServer:
         completion (templated sections, whole or damaged)."""
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {FAULTS}")
-        if "response_format" in body and (fault == "reject_json_mode" or not self.json_mode_supported):
-            handler.send_json(400, {"error": {"message": "response_format is not supported by this model"}})
-            return
-        if fault in ("400", "429", "500", "503"):
-            headers = {"Retry-After": self.retry_after} if fault == "429" and self.retry_after is not None else {}
-            handler.send_json(int(fault), {"error": {"message": f"stand-in fault {fault}"}}, headers)
-            return
-        if fault == "404":
-            handler.send_json(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
-            return
-        if fault == "malformed_body":
-            handler.send_json(200, None, raw=b'{"choices": [{"message": {"content": "trunc')
-            return
-        if fault == "drop":
-            handler.close_connection = True
-            handler.wfile.flush()
-            handler.connection.shutdown(2)
+        if self._send_failure(handler, body, fault):
             return
         if fault == "slow":
             time.sleep(self.slow_s)
-        sections = templated_rationale(body)
-        if fault == "bad_json":
-            full = json.dumps(sections)
-            content = full[: len(full) // 2]  # cut mid-object: neither valid JSON nor headed text
-        elif fault == "missing_section":
-            content = json.dumps({k: v for k, v in sections.items() if k != "task_planning"})
-        elif fault == "empty":
-            content = ""
-        elif fault == "headed":
-            content = "\n".join(f"## {k.replace('_', ' ').title()}\n{v}" for k, v in sections.items())
-        else:
-            content = json.dumps(sections)
+        content = _completion_content(templated_rationale(body), fault)
         payload: dict[str, Any] = {
             "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "model": body.get("model"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
@@ -299,6 +272,40 @@ class ChatServer:
             payload["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(content) // 4,
                                 "total_tokens": prompt_tokens + len(content) // 4}
         handler.send_json(200, payload)
+
+    def _send_failure(self, handler: _ChatHandler, body: dict[str, Any], fault: str) -> bool:
+        """Answer with an error status, a broken body or a dropped connection if `fault` (or an unsupported JSON
+        mode) asks for one; False when the request gets a completion."""
+        if "response_format" in body and (fault == "reject_json_mode" or not self.json_mode_supported):
+            handler.send_json(400, {"error": {"message": "response_format is not supported by this model"}})
+        elif fault in ("400", "429", "500", "503"):
+            headers = {"Retry-After": self.retry_after} if fault == "429" and self.retry_after is not None else {}
+            handler.send_json(int(fault), {"error": {"message": f"stand-in fault {fault}"}}, headers)
+        elif fault == "404":
+            handler.send_json(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
+        elif fault == "malformed_body":
+            handler.send_json(200, None, raw=b'{"choices": [{"message": {"content": "trunc')
+        elif fault == "drop":
+            handler.close_connection = True
+            handler.wfile.flush()
+            handler.connection.shutdown(2)
+        else:
+            return False
+        return True
+
+
+def _completion_content(sections: dict[str, str], fault: str) -> str:
+    """The assistant message for a completion: the sections as JSON, or damaged as `fault` says."""
+    if fault == "bad_json":
+        full = json.dumps(sections)
+        return full[: len(full) // 2]  # cut mid-object: neither valid JSON nor headed text
+    if fault == "missing_section":
+        return json.dumps({k: v for k, v in sections.items() if k != "task_planning"})
+    if fault == "empty":
+        return ""
+    if fault == "headed":
+        return "\n".join(f"## {k.replace('_', ' ').title()}\n{v}" for k, v in sections.items())
+    return json.dumps(sections)
 
 
 def serve(argv: list[str] | None = None) -> None:

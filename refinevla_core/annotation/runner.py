@@ -250,43 +250,56 @@ def _execute(requests: Iterator[FrameRequest], teacher: Teacher,
         for request in requests:
             on_reply(request, teacher.annotate(request))
         return
-    limit = teacher.concurrency
     pending: dict[Future, FrameRequest] = {}
-    error: BaseException | None = None
-    pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="teacher")
+    errors: list[BaseException] = []  # the first one is re-raised after the in-flight replies are stored
+    pool = ThreadPoolExecutor(max_workers=teacher.concurrency, thread_name_prefix="teacher")
     try:
-        exhausted = False
-        while True:
-            while error is None and not exhausted and len(pending) < limit:
-                request = next(requests, None)
-                if request is None:
-                    exhausted = True
-                    break
-                pending[pool.submit(teacher.annotate, request)] = request
-            if not pending:
-                break
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                request = pending.pop(future)
-                try:
-                    reply = future.result()
-                except BaseException as e:  # re-raised after the in-flight replies are stored
-                    error = error or e
-                    continue
-                on_reply(request, reply)
+        _run_in_pool(pool, requests, teacher, on_reply, pending=pending, errors=errors)
     except BaseException as e:  # KeyboardInterrupt while waiting: keep what already finished
-        error = error or e
-        for future in list(pending):
-            future.cancel()
-        for future, request in list(pending.items()):
-            if future.cancelled():
-                continue
-            with contextlib.suppress(BaseException):  # the first error is the one to report
-                on_reply(request, future.result())
+        errors.append(e)
+        _keep_in_flight(pending, on_reply)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    if error is not None:
-        raise error
+    if errors:
+        raise errors[0]
+
+
+def _run_in_pool(pool: ThreadPoolExecutor, requests: Iterator[FrameRequest], teacher: Teacher,
+                 on_reply: Callable[[FrameRequest, TeacherReply], None], *, pending: dict[Future, FrameRequest],
+                 errors: list[BaseException]) -> None:
+    """Keep `pending` topped up to the teacher's concurrency until the requests run out or one fails; hand every
+    finished reply to `on_reply` and append failures to `errors`."""
+    exhausted = False
+    while True:
+        while not errors and not exhausted and len(pending) < teacher.concurrency:
+            request = next(requests, None)
+            if request is None:
+                exhausted = True
+                break
+            pending[pool.submit(teacher.annotate, request)] = request
+        if not pending:
+            return
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in finished:
+            request = pending.pop(future)
+            try:
+                reply = future.result()
+            except BaseException as e:  # re-raised after the in-flight replies are stored
+                errors.append(e)
+                continue
+            on_reply(request, reply)
+
+
+def _keep_in_flight(pending: dict[Future, FrameRequest],
+                    on_reply: Callable[[FrameRequest, TeacherReply], None]) -> None:
+    """After an interruption: cancel what has not started and store the replies of what was already running."""
+    for future in list(pending):
+        future.cancel()
+    for future, request in list(pending.items()):
+        if future.cancelled():
+            continue
+        with contextlib.suppress(BaseException):  # the first error is the one to report
+            on_reply(request, future.result())
 
 
 def annotate_dataset(

@@ -102,28 +102,11 @@ def train_models(settings: TrainSettings, models: list[ModelSettings], dataset: 
     try:
         while pending or active:
             while pending and len(active) < settings.parallel:
-                run = pending.pop(0)
-                run.log_path = run.output_dir / "train.log"
-                with run.log_path.open("ab") as log:
-                    run.proc = subprocess.Popen(
-                        [sys.executable, "-m", "refinevla_core", "train", "--config",
-                         str(run.output_dir / "demo_train_config.yaml")],
-                        stdout=log, stderr=subprocess.STDOUT, env=child_env())
-                active.append(run)
+                active.append(_start(pending.pop(0)))
             time.sleep(POLL_S)
             for run in list(active):
-                seen = _latest_step(run.log_path)
-                if seen:
-                    run.step = seen[0]
-                    bar = bars[run.model.name]
-                    advance_bar(bar, min(run.step, bar.total))
-                if run.proc.poll() is not None:
+                if _poll(run, bars[run.model.name]):
                     active.remove(run)
-                    if run.proc.returncode != 0:
-                        tail = run.log_path.read_text(errors="replace")[-3000:]
-                        raise RuntimeError(f"training {run.model.name} failed (exit {run.proc.returncode}); "
-                                           f"log {run.log_path}:\n{tail}")
-                    advance_bar(bars[run.model.name], run.total)
     finally:
         for run in active:
             if run.proc is not None and run.proc.poll() is None:
@@ -138,6 +121,34 @@ def train_models(settings: TrainSettings, models: list[ModelSettings], dataset: 
             raise RuntimeError(f"training {run.model.name} ended without {final}; see {run.output_dir / 'train.log'}")
         results[run.model.name] = summarise_run(run.output_dir)
     return results
+
+
+def _start(run: _Run) -> _Run:
+    """Launch one `refinevla train` child writing to its own log."""
+    run.log_path = run.output_dir / "train.log"
+    with run.log_path.open("ab") as log:
+        run.proc = subprocess.Popen(
+            [sys.executable, "-m", "refinevla_core", "train", "--config",
+             str(run.output_dir / "demo_train_config.yaml")],
+            stdout=log, stderr=subprocess.STDOUT, env=child_env())
+    return run
+
+
+def _poll(run: _Run, bar: Any) -> bool:
+    """Move the run's bar to the step its log shows; True once it has ended (RuntimeError with the log's tail if
+    it failed)."""
+    seen = _latest_step(run.log_path)
+    if seen:
+        run.step = seen[0]
+        advance_bar(bar, min(run.step, bar.total))
+    if run.proc.poll() is None:
+        return False
+    if run.proc.returncode != 0:
+        tail = run.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"training {run.model.name} failed (exit {run.proc.returncode}); "
+                           f"log {run.log_path}:\n{tail}")
+    advance_bar(bar, run.total)
+    return True
 
 
 def summarise_run(output_dir: Path) -> dict[str, Any]:

@@ -104,32 +104,40 @@ def test_deltas_and_gripper_drive_the_arm_with_bridge_semantics_and_guards(tmp_p
         assert np.array(moves(log)[-1]["pose"])[2, 3] == np.float64(-0.01)
         assert "kept inside the workspace" in proc.output()
 
-        # gripper: Bridge 1 = open / 0 = closed, acted on only when the state changes
-        def grips():
-            return [r["call"] for r in records(log) if r["call"] in ("grasp", "release")]
-
-        for value, expected in ((0.2, ["grasp"]), (0.3, ["grasp"]), (0.9, ["grasp", "release"]),
-                                (5.0, ["grasp", "release"]), (0.0, ["grasp", "release", "grasp"])):
-            gripper.publish(Float64(data=value))
-            if grips() != expected:
-                assert spin_until(ex, lambda expected=expected: grips() == expected, 30), (value, grips())
-        gripper.publish(Float64(data=float("nan")))
-        assert spin_until(ex, lambda: "gripper command nan is not finite" in proc.output(), 30)
-        assert all(r["delay"] == 0.0 for r in records(log) if r["call"] in ("grasp", "release")), "non-blocking"
-
-        # ~/stop: commands ignored; ~/enable: resumes
-        stop = node.create_client(Trigger, "/widowx_node/stop")
-        enable = node.create_client(SetBool, "/widowx_node/enable")
-        assert _call(ex, stop, Trigger.Request()).success
-        n = len(moves(log))
-        send(delta(y=0.01), log_words="ignoring EE deltas")
-        counts = json.loads(_call(ex, enable, SetBool.Request(data=True)).message)
-        assert counts["enabled"] and counts["ik_failures"] == 1 and counts["refused"] >= 3
-        send(delta(y=0.01), n_moves=n + 1)
-        assert len(moves(log)) == n + 1
+        _check_gripper(ex, gripper, log, proc)
+        _check_stop_and_enable(node, ex, log, send)
         assert proc.alive()
     out = proc.output()
     assert "Traceback" not in out, out
+
+
+def _check_gripper(ex, gripper, log, proc):
+    """Bridge 1 = open / 0 = closed, acted on only when the state changes; NaN refused; never blocking."""
+
+    def grips():
+        return [r["call"] for r in records(log) if r["call"] in ("grasp", "release")]
+
+    for value, expected in ((0.2, ["grasp"]), (0.3, ["grasp"]), (0.9, ["grasp", "release"]),
+                            (5.0, ["grasp", "release"]), (0.0, ["grasp", "release", "grasp"])):
+        gripper.publish(Float64(data=value))
+        if grips() != expected:
+            assert spin_until(ex, lambda expected=expected: grips() == expected, 30), (value, grips())
+    gripper.publish(Float64(data=float("nan")))
+    assert spin_until(ex, lambda: "gripper command nan is not finite" in proc.output(), 30)
+    assert all(r["delay"] == 0.0 for r in records(log) if r["call"] in ("grasp", "release")), "non-blocking"
+
+
+def _check_stop_and_enable(node, ex, log, send):
+    """~/stop: commands ignored; ~/enable: resumes and reports the counts so far."""
+    stop = node.create_client(Trigger, "/widowx_node/stop")
+    enable = node.create_client(SetBool, "/widowx_node/enable")
+    assert _call(ex, stop, Trigger.Request()).success
+    n = len(moves(log))
+    send(delta(y=0.01), log_words="ignoring EE deltas")
+    counts = json.loads(_call(ex, enable, SetBool.Request(data=True)).message)
+    assert counts["enabled"] and counts["ik_failures"] == 1 and counts["refused"] >= 3
+    send(delta(y=0.01), n_moves=n + 1)
+    assert len(moves(log)) == n + 1
 
 
 def test_dry_run_solves_ik_but_moves_nothing_and_rate_limits(tmp_path):
