@@ -12,8 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from refinevla_core.annotation import make_teacher
 from refinevla_core.annotation.config import TEACHERS, AnnotationConfig
+from refinevla_core.annotation.runner import Shard, annotate_dataset, resolve_store_path
+from refinevla_core.annotation.store import StoreError
+from refinevla_core.annotation.teacher import TeacherError
 from refinevla_core.config import ConfigError, find_config_file, load_config, parse_overrides
+from refinevla_core.data.episode import DataError
 from refinevla_core.io import atomic_write_json
 
 EXIT_ERROR = 1
@@ -107,12 +112,6 @@ def build_config(args: argparse.Namespace) -> AnnotationConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from refinevla_core.annotation import make_teacher
-    from refinevla_core.annotation.runner import Shard, annotate_dataset, resolve_store_path
-    from refinevla_core.annotation.store import StoreError
-    from refinevla_core.annotation.teacher import TeacherError
-    from refinevla_core.data.episode import DataError
-
     def fail(message: str) -> int:
         print(f"refinevla annotate: error: {message}", file=sys.stderr)
         return EXIT_ERROR

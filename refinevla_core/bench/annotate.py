@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from refinevla_core.data import Episode, EpisodeDataset
+
 GOAL_SPEEDUP = 6.0
 FRAMES_PER_EPISODE = 8
 
@@ -30,8 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dataset(root: Path, frames: int, image_size: int) -> None:
-    from refinevla_core.data import Episode, EpisodeDataset
-
     rng = np.random.default_rng(0)
     ds = EpisodeDataset.create(root, name="bench-annotate")
     for e, start in enumerate(range(0, frames, FRAMES_PER_EPISODE)):

@@ -19,9 +19,13 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from refinevla_core.data.stats import ActionStats
+from refinevla_core.training.config import FreezeConfig, LoRAConfig
 
 SIZES = {"real": {"paligemma": "paligemma2-3b-224-random", "pi0": "pi0-base-random"},
          "tiny": {"paligemma": "tiny", "pi0": "pi0-tiny"}}
@@ -132,7 +136,6 @@ def _inference(family: str, preset: str, model: Any, bench: Bench) -> list[dict[
 def _train_step(family: str, preset: str, model: Any, bench: Bench, freeze_layers: int) -> dict[str, Any]:
     import torch
 
-    from refinevla_core.training.config import FreezeConfig, LoRAConfig
     from refinevla_core.training.freezing import apply_selective_transfer
     from refinevla_core.training.loss import joint_loss
     from refinevla_core.training.precision import apply_training_precision
@@ -144,8 +147,6 @@ def _train_step(family: str, preset: str, model: Any, bench: Bench, freeze_layer
     imgs = [images[i % len(images)] for i in range(n)]
     rng = np.random.default_rng(1)
     if family == "pi0":
-        from types import SimpleNamespace
-
         config = SimpleNamespace(freeze=FreezeConfig(language_layers=freeze_layers, new_token_rows="none"),
                                  lora=LoRAConfig(), lambda_rationale=0.3, gradient_checkpointing=False)
         report = model.prepare_training(config)
@@ -202,7 +203,6 @@ def _goal_lines(table: list[dict[str, Any]], cuda: bool) -> list[str]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from refinevla_core.data.stats import ActionStats
     from refinevla_core.model.presets import build_from_preset
 
     torch.set_num_threads(args.threads)

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from refinevla_core.data.stats import ActionStats
+
 MODES = (("action_only", 1), ("every_step", 1), ("every_n", 10))
 
 
@@ -49,7 +51,6 @@ def _measure(policy: Any, images: list[np.ndarray], instruction: str, steps: int
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from refinevla_core.data.stats import ActionStats
     from refinevla_core.inference.policy import Policy, PolicyConfig
     from refinevla_core.model.presets import build_from_preset
 

@@ -13,6 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from refinevla_core.config import ConfigError, parse_overrides
+from refinevla_core.demo.config import load_demo_config
+
 EXIT_ERROR = 2
 
 
@@ -31,9 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from refinevla_core.config import ConfigError, parse_overrides
-    from refinevla_core.demo.config import load_demo_config
-
     try:
         overrides = parse_overrides(args.overrides, example="train.max_steps=400")
         config = load_demo_config(args.config, quick=args.quick, overrides=overrides)

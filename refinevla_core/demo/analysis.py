@@ -21,6 +21,8 @@ import numpy as np
 
 from refinevla_core.data.episode_dataset import EpisodeDataset
 from refinevla_core.io import atomic_write_json as write_json
+from refinevla_core.rationale import RationaleError, parse_rationale
+from refinevla_core.training.data import EpisodeFrames, split_episodes, validation_indices
 
 BATCH = 8
 _PHASE = re.compile(r"phase: (\w+)")  # "phase: push, ..." (sim teacher v2; v1 wrote "Current phase: push")
@@ -28,16 +30,12 @@ _PHASE = re.compile(r"phase: (\w+)")  # "phase: push, ..." (sim teacher v2; v1 w
 
 def validation_frames(dataset: str | Path, val_fraction: float, seed: int) -> Any:
     """The validation frames of a training run (the trainer's own split)."""
-    from refinevla_core.training.data import EpisodeFrames, split_episodes
-
     ds = EpisodeDataset(dataset)
     _, val_eps = split_episodes(len(ds), val_fraction, seed)
     return EpisodeFrames(ds, val_eps, seed=seed)
 
 
 def pick(n_items: int, n: int) -> list[int]:
-    from refinevla_core.training.data import validation_indices
-
     return validation_indices(n_items, n)
 
 
@@ -48,8 +46,6 @@ def phase_of(text: str) -> str | None:
 
 def parses(text: str) -> bool:
     """Whether a generated rationale holds all four sections (refinevla_core.rationale.parse_rationale)."""
-    from refinevla_core.rationale import RationaleError, parse_rationale
-
     try:
         parse_rationale(text)
     except RationaleError:

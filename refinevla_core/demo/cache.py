@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import shutil
 import sys
 import time
@@ -28,8 +29,6 @@ MARKER_DIR = "stages"
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process and of its finished children: the load-independent cost of a
     stage (its wall time depends on what else runs on the machine)."""
-    import resource
-
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 

@@ -19,8 +19,10 @@ from typing import Any
 
 from refinevla_core.data.episode import DataError
 from refinevla_core.data.episode_dataset import EpisodeDataset
+from refinevla_core.data.stats import compute_dataset_stats
 from refinevla_core.demo.cache import advance_bar
 from refinevla_core.demo.config import CollectSettings
+from refinevla_core.sim.collect import EXPERT_VERSION
 
 POLL_S = 1.0
 
@@ -61,7 +63,6 @@ def collect_dataset(settings: CollectSettings, data_dir: Path, work_dir: Path, p
     """Collect `settings.episodes` episodes into `data_dir` (resumable), compute its statistics, return a summary."""
     from tqdm import tqdm
 
-    from refinevla_core.data.stats import compute_dataset_stats
 
     started = time.perf_counter()
     plan = shard_plan(settings)
@@ -164,6 +165,4 @@ def annotate_fingerprint_parts() -> dict[str, Any]:
 
 
 def collect_fingerprint_parts() -> dict[str, Any]:
-    from refinevla_core.sim.collect import EXPERT_VERSION
-
     return {"expert_version": EXPERT_VERSION}

@@ -8,6 +8,7 @@ shows one bar per model, so three runs in parallel stay readable.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from refinevla_core.config import save_config, to_dict
 from refinevla_core.demo.cache import advance_bar
 from refinevla_core.demo.config import ModelSettings, TrainSettings, resolve_repo_path
 from refinevla_core.demo.data import child_env
+from refinevla_core.demo.evaluate import checkpoint_fingerprint
+from refinevla_core.training.config import load_train_config
 
 POLL_S = 1.0
 _STEP = re.compile(rb"(\d+)/(\d+) \[")
@@ -29,8 +32,6 @@ _STEP = re.compile(rb"(\d+)/(\d+) \[")
 
 def train_config(settings: TrainSettings, model: ModelSettings, dataset: Path, output_dir: Path) -> Any:
     """The TrainConfig of one model: the base YAML, the shared demo settings, then the model's own keys."""
-    from refinevla_core.training.config import load_train_config
-
     overrides: dict[str, Any] = {
         **settings.extra,
         "dataset": str(dataset), "output_dir": str(output_dir),
@@ -48,7 +49,6 @@ def train_config(settings: TrainSettings, model: ModelSettings, dataset: Path, o
 def train_fingerprint_parts(settings: TrainSettings, model: ModelSettings) -> dict[str, Any]:
     base = resolve_repo_path(settings.base_config)
     shared = {k: v for k, v in to_dict(settings).items() if k not in ("models", "parallel")}
-    from refinevla_core.demo.evaluate import checkpoint_fingerprint
     from refinevla_core.training.trainer import refinevla_checkpoint_folder
 
     config = yaml.safe_load(base.read_text()) or {} if base.is_file() else {}
@@ -153,8 +153,6 @@ def _poll(run: _Run, bar: Any) -> bool:
 
 def summarise_run(output_dir: Path) -> dict[str, Any]:
     """What the report needs from a finished run: checkpoint, metrics file, last losses, last validation."""
-    import json
-
     metrics = json.loads((output_dir / "metrics.json").read_text())
     train = metrics.get("train") or []
     val = metrics.get("val") or []
