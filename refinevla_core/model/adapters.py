@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from refinevla_core.model.processor_refinevla import check_image
 from refinevla_core.policy_types import PolicyOutput
@@ -90,7 +91,6 @@ class _AdapterPolicy:
         unless trust_remote_code=True, since the checkpoint ships the code that runs."""
         model_id = model_id or cls.DEFAULT_ID
         _require_trust(cls.name, model_id, trust_remote_code)
-        import torch
         from transformers import AutoProcessor
 
         torch_dtype = getattr(torch, dtype)

@@ -11,6 +11,8 @@ import itertools
 import json
 from typing import Any
 
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
 from refinevla_core.config import ConfigError
 from refinevla_core.model.configuration_refinevla import RefineVLAConfig
 
@@ -85,7 +87,6 @@ def train_offline_tokenizer(vocab_size: int) -> Any:
     the demo's data then ended at ~1.6x the translation error (3 of 3 runs, 4/30 closed loop vs 15-18/30; see
     docs/demo.md "What the tokenizer did"). Returns a transformers GemmaTokenizer.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 
 VULKAN_HELP = (
     "ManiSkill3 could not create a Vulkan device. On a CPU-only machine run ./setup.sh (it unpacks Mesa 25 lavapipe "
@@ -19,8 +20,6 @@ VULKAN_HELP = (
 
 def render_once(task: str = "PickCube-v1", size: int = 64) -> dict:
     """Make the env, reset, take one zero step, return the image statistics. Raises RuntimeError(VULKAN_HELP)."""
-    import warnings
-
     warnings.filterwarnings("ignore")
     try:
         import gymnasium as gym

@@ -10,6 +10,7 @@ import json
 import sys
 
 from refinevla_core.config import ConfigError, find_config_file, parse_overrides, to_dict
+from refinevla_core.training.config import load_train_config
 
 EXIT_ERROR = 2
 
@@ -53,7 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from refinevla_core.data.episode import DataError
-    from refinevla_core.training.config import load_train_config
 
     try:
         config = load_train_config(find_config_file(args.config, prefix="train_"),

@@ -19,6 +19,7 @@ full backward pass); "none" leaves the rows frozen.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -393,8 +394,6 @@ def export_for_saving(model: nn.Module) -> Iterator[nn.Module]:
     (an in-place merge/unmerge would not restore the base weights bit-exactly).
     """
     if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
-        import copy
-
         merged = copy.deepcopy(model).merge_and_unload()
         _fold_rows(merged)
         yield merged

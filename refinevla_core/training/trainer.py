@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from refinevla_core.config import ConfigError, save_config, to_dict
 from refinevla_core.data.episode import DataError
@@ -253,8 +254,6 @@ class Trainer:
 
     def batches(self) -> Any:
         """The training batches from `progress.batches_consumed` on, this process's shard."""
-        from torch.utils.data import DataLoader
-
         cfg = self.config
         acc = self.accelerator
         sampler = ResumableBatchSampler(

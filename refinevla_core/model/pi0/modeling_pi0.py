@@ -106,8 +106,6 @@ def load_pretrained_pi0(source: str, config: RefineVLAPi0Config) -> Any:
     """PI0ForConditionalGeneration from a local folder or hub id; LeRobot's config.json (`"type": "pi0"`, no
     transformers model_type) is mapped onto transformers' PI0Config, and its weight names are renamed by transformers'
     conversion mapping at load."""
-    import json
-
     from transformers import PI0Config, PI0ForConditionalGeneration
     from transformers.utils import cached_file
 
