@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from refinevla_core.data.stats import ActionStats
+from refinevla_core.inference.config import PolicyConfig, RunnerConfig
+from refinevla_core.inference.factory import make_policy
 from refinevla_core.stamps import split_ns
 from refinevla_ros.harness.processes import NodeProcess, node_command, private_domain, use_loopback_profile
 
@@ -73,7 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_checkpoint(preset: str, folder: Path, target_order: str | None = None) -> Path:
-    from refinevla_core.data.stats import ActionStats
     from refinevla_core.model.checkpoint import save_checkpoint
     from refinevla_core.model.presets import build_from_preset
 
@@ -295,8 +297,6 @@ def _mode_control_hz(args: argparse.Namespace, checkpoint: Path) -> float:
     """--mode-control-hz, or --control-hz capped at a third of what an action-only step measured here allows."""
     if args.mode_control_hz > 0:
         return args.mode_control_hz
-    from refinevla_core.inference.config import PolicyConfig, RunnerConfig
-    from refinevla_core.inference.factory import make_policy
 
     policy = make_policy(RunnerConfig(checkpoint=str(checkpoint), device=args.device,
                                       policy=PolicyConfig(rationale_mode="action_only", torch_threads=args.threads)))
@@ -496,8 +496,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from refinevla_core.inference.config import PolicyConfig, RunnerConfig
-    from refinevla_core.inference.factory import make_policy
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="refinevla-bench-ros-"))

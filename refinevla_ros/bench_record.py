@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from refinevla_core.bench import write_result
+from refinevla_core.data.bag_reader import read_bag
+from refinevla_core.data.bag_storage import open_bag
 from refinevla_ros.harness.processes import NodeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +87,6 @@ def _publish(args: argparse.Namespace, reliable: bool, recorder: NodeProcess) ->
 
 
 def _one_run(args: argparse.Namespace, storage: str, reliable: bool, work: Path) -> dict[str, Any]:
-    from refinevla_core.data.bag_reader import read_bag
-    from refinevla_core.data.bag_storage import open_bag
     from refinevla_ros import topics
 
     bag = work / f"bag-{storage}-{int(reliable)}"
@@ -130,8 +131,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from refinevla_core.bench import write_result
-
     parser = argparse.ArgumentParser(prog="python -m refinevla_ros.bench_record")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks"))
     add_arguments(parser)

@@ -23,6 +23,7 @@ import numpy as np
 
 from refinevla_core.sim.config import SimConfig
 from refinevla_core.sim.experts import expert_action
+from refinevla_core.sim.maniskill import ManiSkillBackend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _env_row(task: str, size: int, steps: int) -> dict[str, Any]:
-    from refinevla_core.sim.maniskill import ManiSkillBackend
-
     t0 = time.perf_counter()
     backend = ManiSkillBackend(SimConfig(task=task, image_size=size))
     make_s = time.perf_counter() - t0
@@ -98,7 +97,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from refinevla_core.sim.maniskill import ManiSkillBackend
     from refinevla_ros.harness.graph import BridgeGraph
 
     sim = SimConfig(task=args.task, image_size=args.image_size)

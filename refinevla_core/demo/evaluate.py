@@ -23,12 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from refinevla_core.demo.cache import advance_bar
-from refinevla_core.demo.config import CollectSettings, EvalSettings, ModelSettings
+from refinevla_core.demo.config import CollectSettings, EvalSettings, ModelSettings, resolve_repo_path
 from refinevla_core.demo.data import child_env
+from refinevla_core.eval.runner import evaluate
+from refinevla_core.eval.stats import success_rate
 from refinevla_core.plugins import DEMO_LANES
 from refinevla_core.plugins import require as require_plugin
+from refinevla_core.sim.config import SimConfig
+from refinevla_core.sim.experts import ScriptedExpertPolicy
 
 POLL_S = 1.0
 
@@ -153,8 +158,6 @@ def evaluate_models(models: list[ModelSettings], checkpoints: dict[str, str], co
 
 def summarise_model(model_dir: Path, model: ModelSettings, settings: EvalSettings) -> dict[str, Any]:
     """Success with a Wilson 95 % interval, steps, and the policy node's per-step latency from episodes.jsonl."""
-    from refinevla_core.eval.stats import success_rate
-
     records = [json.loads(line) for line in (model_dir / "episodes.jsonl").read_text().splitlines() if line.strip()]
     records = [r for r in records if r["seed"] in range(settings.seed, settings.seed + settings.episodes)]
     rate = success_rate(sum(r["success"] for r in records), len(records))
@@ -200,10 +203,6 @@ def run_references(names: list[str], sim: dict[str, Any], seed: int, episodes: i
     import torch
 
     from refinevla_core.eval.cli import RandomPolicy
-    from refinevla_core.eval.runner import evaluate
-    from refinevla_core.eval.stats import success_rate
-    from refinevla_core.sim.config import SimConfig
-    from refinevla_core.sim.experts import ScriptedExpertPolicy
 
     torch.set_num_threads(1)
     config = SimConfig(**sim)
@@ -243,9 +242,6 @@ BASE_NAME = "pretrained_base"
 def base_reference(train: Any, settings: EvalSettings) -> tuple[ModelSettings, str] | None:
     """The pretrained base of the demo's models as a policy to evaluate alone (action-only, through the same ROS
     lanes): what fine-tuning adds is measured against it. None without a base or with eval.base_reference off."""
-    import yaml
-
-    from refinevla_core.demo.config import resolve_repo_path
     from refinevla_core.training.trainer import refinevla_checkpoint_folder
 
     if not settings.base_reference:

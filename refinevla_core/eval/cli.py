@@ -25,6 +25,8 @@ import numpy as np
 from refinevla_core.eval.report import run_name, simpler_table, write_report
 from refinevla_core.eval.runner import EpisodeResult, evaluate, summarise
 from refinevla_core.eval.stats import success_rate
+from refinevla_core.inference.factory import PolicyLoadError, load_callable
+from refinevla_core.inference.types import PolicyOutput
 from refinevla_core.plugins import EVAL_BACKENDS
 from refinevla_core.plugins import load as load_plugin
 from refinevla_core.sim.backend import SimError
@@ -43,8 +45,6 @@ class RandomPolicy:
         """Keeps its generator: the same sequence of calls gives the same actions in every evaluation path."""
 
     def predict(self, image: np.ndarray, instruction: str) -> Any:
-        from refinevla_core.inference.types import PolicyOutput
-
         a = np.zeros(7, np.float32)
         a[:3] = self.rng.uniform(-self.max_m, self.max_m, 3)
         a[6] = float(self.rng.integers(0, 2))
@@ -75,8 +75,6 @@ def policy_factory(args: argparse.Namespace) -> tuple[str, Callable[[Callable[[]
 def load_factory(spec: str) -> Callable[[], Any]:
     """'package.module:callable' -> the callable (as policy_node's policy_factory parameter); ValueError naming
     --policy-factory when it cannot be loaded."""
-    from refinevla_core.inference.factory import PolicyLoadError, load_callable
-
     try:
         return load_callable(spec, "--policy-factory")
     except PolicyLoadError as e:
