@@ -107,7 +107,7 @@ def _eager(vlm: Any) -> Iterator[None]:
     """The language model's attention implementation switched to eager for the block (weights are only returned
     there), and back afterwards."""
     lm = vlm.model.language_model
-    before = lm.config._attn_implementation  # noqa: SLF001, RUF100 (transformers: no public getter)
+    before = lm.config._attn_implementation  # noqa: SLF001 (transformers: no public getter)
     if before != "eager":
         lm.set_attn_implementation("eager")
     try:

@@ -210,7 +210,7 @@ class ManiSkillBackend(SimBackend):
         the sign of the rotation scale)."""
         arm = self.unwrapped.agent.controller.controllers["arm"]
         probe = self._torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.0, 0.0]], dtype=self._torch.float32)
-        scaled = arm._clip_and_scale_action(probe)[0].cpu().numpy()  # noqa: SLF001, RUF100 (ManiSkill internal)
+        scaled = arm._clip_and_scale_action(probe)[0].cpu().numpy()  # noqa: SLF001 (ManiSkill internal)
         pos, rot = float(scaled[0]) / 0.5, float(scaled[3]) / 0.5
         if not (abs(abs(pos) - POS_SCALE_M) < 1e-6 and abs(abs(rot) - abs(ROT_SCALE_RAD)) < 1e-6):
             raise SimError(f"unexpected ManiSkill controller scaling (pos {pos}, rot {rot}); this refinevla expects "
@@ -257,7 +257,7 @@ class ManiSkillBackend(SimBackend):
         attr = self.spec.hidden_goal_attr
         if attr and self.config.show_goal:
             goal = getattr(self.unwrapped, attr)
-            hidden = self.unwrapped._hidden_objects  # noqa: SLF001, RUF100 (ManiSkill: no public API)
+            hidden = self.unwrapped._hidden_objects  # noqa: SLF001 (ManiSkill: no public API)
             if goal in hidden:
                 hidden.remove(goal)
                 goal.show_visual()

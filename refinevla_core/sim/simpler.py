@@ -225,7 +225,7 @@ class SimplerBackend(SimBackend):
                             "opening": float(np.clip(1.0 - closedness, 0.0, 1.0)), "holding": holding}}
 
     def camera_intrinsics(self) -> np.ndarray:
-        cams = self.env.unwrapped._cameras  # noqa: SLF001, RUF100 (SimplerEnv: no public camera list)
+        cams = self.env.unwrapped._cameras  # noqa: SLF001 (SimplerEnv: no public camera list)
         name = "3rd_view_camera" if self.spec.robot == "widowx" else "overhead_camera"
         return np.asarray(cams[name].camera.get_intrinsic_matrix(), dtype=np.float64)
 

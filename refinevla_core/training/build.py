@@ -127,7 +127,7 @@ def make_accelerator(config: TrainConfig, output_dir: Path) -> Any:
 
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         # a second run in the same process (tests, the benchmark) may change precision / device
-        AcceleratorState._reset_state(reset_partial_state=True)  # noqa: SLF001, RUF100 (no public reset)
+        AcceleratorState._reset_state(reset_partial_state=True)  # noqa: SLF001 (no public reset)
     # cpu=True also on a machine without CUDA: that is what makes accelerate run several CPU processes (torchrun)
     # as one DDP job over gloo instead of as independent single-process runs
     cpu = config.device == "cpu" or not torch.cuda.is_available()

@@ -46,7 +46,7 @@ def prepare_fsdp(accelerator: Any, config: Any) -> Any:
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
         # as accelerate records its own choice
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # noqa: SLF001, RUF100
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # noqa: SLF001 (accelerate: no public setter)
     if is_fsdp(accelerator) and config.lora.enabled:
         raise ConfigError("lora.enabled is not supported with FSDP (adapters are merged on whole weights); LoRA "
                           "trains little enough for DDP: launch with `accelerate launch --multi_gpu` instead")

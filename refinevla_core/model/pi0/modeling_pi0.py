@@ -88,7 +88,7 @@ def pi0_hf_config(config: RefineVLAPi0Config, vocab_len: int, image_token_id: in
         dit_config=gemma(expert), chunk_size=config.chunk_size, max_state_dim=config.max_state_dim,
         max_action_dim=config.max_action_dim, num_inference_steps=config.num_inference_steps,
     )
-    hf._attn_implementation = config.attn_implementation  # noqa: SLF001, RUF100 (transformers: no public setter)
+    hf._attn_implementation = config.attn_implementation  # noqa: SLF001 (transformers: no public setter)
     return hf
 
 
