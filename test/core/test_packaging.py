@@ -3,6 +3,7 @@ launchers on the PATH. Built from a copy of the sources, so the checkout is unto
 
 from __future__ import annotations
 
+import configparser
 import shutil
 import subprocess
 import sys
@@ -41,14 +42,19 @@ def test_the_wheel_ships_every_preset(wheel):
 def test_the_wheel_puts_the_node_launchers_on_the_path(wheel):
     with zipfile.ZipFile(wheel) as z:
         entry_points = z.read(next(n for n in z.namelist() if n.endswith("entry_points.txt"))).decode()
-    scripts = dict(line.split(" = ") for line in entry_points.splitlines() if " = " in line)
+    groups = configparser.ConfigParser(delimiters=("=",))
+    groups.optionxform = str  # entry point names are case-sensitive
+    groups.read_string(entry_points)
+    scripts = dict(groups["console_scripts"])
     for script in ("refinevla", "refinevla-policy-node", "refinevla-sim-bridge-node", "refinevla-widowx-node",
                    "refinevla-topic"):
         assert script in scripts, script
-    for script, target in scripts.items():  # each one names a function that exists (resolved without running it)
-        module, function = target.split(":")
-        source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
-        assert f"def {function}(" in source, (script, target)
+    for group in groups.sections():  # each target exists (resolved without running it); scripts name a function
+        for name, target in groups[group].items():
+            module, _, function = target.partition(":")
+            source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+            assert function or group != "console_scripts", (group, name, target)
+            assert not function or f"def {function}(" in source, (group, name, target)
 
 
 def test_an_installed_wheel_finds_its_presets_by_name(wheel, tmp_path, monkeypatch):
