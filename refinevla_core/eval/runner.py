@@ -76,7 +76,7 @@ def summarise(results: Iterable[EpisodeResult]) -> dict[str, TaskSummary]:
     return out
 
 
-def _caption(output: Any) -> str:
+def caption(output: Any) -> str:
     text = getattr(output, "rationale_text", "") or ""
     if not text and getattr(output, "rationale", None) is not None:
         text = output.rationale.text()
@@ -101,7 +101,7 @@ def run_episode(policy: Any, backend: SimBackend, seed: int, record_frames: bool
         result.policy_ms.append((time.perf_counter() - tp) * 1000.0)
         action = np.asarray(getattr(output, "action", output), dtype=np.float64).reshape(-1)
         result.actions.append([round(float(v), 6) for v in action])
-        result.captions.append(_caption(output))
+        result.captions.append(caption(output))
         step = backend.step(action)
         result.total_reward += step.reward
         success = step.success

@@ -28,8 +28,10 @@ from std_msgs.msg import Float64, Header, String
 from refinevla.msg import Action, EndEffectorDelta, EpisodeStatus
 from refinevla.msg import Rationale as RationaleMsg
 from refinevla.srv import ResetEpisode
-from refinevla_core.eval.runner import EpisodeResult
-from refinevla_core.eval.runner import _caption as caption  # one caption rule for every evaluation path
+from refinevla_core.eval.runner import (
+    EpisodeResult,
+    caption,  # one caption rule for every evaluation path
+)
 from refinevla_ros.conversions import delta_to_msg, image_to_rgb, ns_to_time, stamp_to_ns
 from refinevla_ros.harness.session import RosSession, WaitTimeoutError
 from refinevla_ros.topics import (
