@@ -84,7 +84,7 @@ def train_offline_tokenizer(vocab_size: int) -> Any:
     <pad>=0 <eos>=1 <bos>=2 <unk>=3 and 256 byte-fallback tokens like Gemma's, so any text (accents, digits, emoji)
     encodes. Pieces never cross a space, like SentencePiece's (split_by_whitespace): an instruction is one token per
     word. Merging across spaces turned "push the blue cube to the red target" into 3 pieces, and action-only runs on
-    the demo's data then ended at ~1.6x the translation error (3 of 3 runs, 4/30 closed loop vs 15-18/30; see
+    the demo's data then ended at 1.3-1.7x the teacher-forced error (3 of 3 runs; 4/30 closed loop vs 15-18/30; see
     docs/demo.md "What the tokenizer did"). Returns a transformers GemmaTokenizer.
     """
     from transformers import GemmaTokenizer
