@@ -39,12 +39,15 @@ def run_node(make_node: Callable[[], N], name: str, *, args: list[str] | None = 
     """Build the node with `make_node()`, spin it until SIGINT/SIGTERM or an external shutdown, run `on_exit(node)`
     with the context still up (e.g. publish a final zero step), then destroy it; returns the process exit code."""
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGINT too, explicitly: Python leaves SIGINT ignored when the process started with it ignored (a background
+    # job of a script, `nohup`), and the node would then not stop on Ctrl-C / kill -INT until killed
+    previous = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         node, code = _build(make_node, name, fatal)
         return code if node is None else _spin(node, on_start, on_exit)
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         rclpy.try_shutdown()
 
 
