@@ -4,12 +4,15 @@ history), the one-line validation summary and the loss-curve PNG. JSON has no Na
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from refinevla_core.io import atomic_write_bytes
 
 METRICS_NAME = "metrics.json"
 CURVE_NAME = "loss_curve.png"
@@ -110,7 +113,7 @@ def plot_loss_curve(train: list[dict[str, Any]], val: list[dict[str, Any]], path
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, png.getvalue())
