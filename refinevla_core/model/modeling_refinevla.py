@@ -30,6 +30,7 @@ from refinevla_core.model.checkpoint_format import CheckpointError, Verify, veri
 from refinevla_core.model.checkpoint_refinevla import save_refinevla_checkpoint
 from refinevla_core.model.configuration_refinevla import REFINEVLA_CONFIG_NAME, RefineVLAConfig
 from refinevla_core.model.processor_refinevla import ACTION_DIM, IGNORE_INDEX, ProcessorError, RefineVLAProcessor
+from refinevla_core.rationale import RationaleError, parse_rationale
 
 Plan = Literal["action", "rationale_then_action", "action_then_rationale"]
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "position_ids")
@@ -62,6 +63,9 @@ class ActionGrammar:
                                                             <begin_action> (the model's or forced), a1..a7
       - "action_then_rationale":  ... <begin_action>      -> a1..a7, <begin_rationale> (forced), text up to <eos>
                                                             or max tokens (then <eos> is forced)
+    The model may end its rationale (<begin_action> / <eos>) only once the text holds all four sections: a small
+    model otherwise often stops mid-sentence and acts on half a thought. Within the token budget it still decides
+    what to write and when to stop; at the budget the end is forced whatever the text (then it may not parse).
     """
 
     def __init__(self, processor: RefineVLAProcessor, plan: Plan, prompt_length: int, max_rationale_tokens: int,
@@ -83,6 +87,11 @@ class ActionGrammar:
         self.free_until_action[lay.begin_action_id] = True  # the model ends its own reasoning
         self.free_until_eos = free.clone()
         self.free_until_eos[lay.eos_id] = True
+        self.unfinished_until_action = self.free_until_action.clone()
+        self.unfinished_until_action[lay.begin_action_id] = False
+        self.unfinished_until_eos = free.clone()
+        self.unfinished_until_eos[lay.eos_id] = False
+        self.decode_text = processor.decode_text
         self.action_only = torch.zeros(vocab_size, dtype=torch.bool)
         self.action_only[lay.action_token_start : lay.action_token_end] = True
 
@@ -97,7 +106,9 @@ class ActionGrammar:
     def _state_rationale_first(self, gen: list[int]) -> tuple[str, Any]:
         lay, n = self.lay, len(gen)
         if lay.begin_action_id not in gen:
-            return ("force", lay.begin_action_id) if n >= self.max_rationale else ("free", self.free_until_action)
+            if n >= self.max_rationale:
+                return ("force", lay.begin_action_id)
+            return ("free", self.free_until_action if self._has_four_sections(gen) else self.unfinished_until_action)
         k = n - gen.index(lay.begin_action_id) - 1
         return ("action", None) if k < ACTION_DIM else ("done", None)
 
@@ -111,7 +122,15 @@ class ActionGrammar:
             return ("done", None)
         if n - ACTION_DIM - 1 >= self.max_rationale:
             return ("force", lay.eos_id)
-        return ("free", self.free_until_eos)
+        finished = self._has_four_sections(gen[ACTION_DIM + 1 :])
+        return ("free", self.free_until_eos if finished else self.unfinished_until_eos)
+
+    def _has_four_sections(self, rationale_ids: list[int]) -> bool:
+        try:
+            parse_rationale(self.decode_text(rationale_ids))
+        except RationaleError:
+            return False
+        return True
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         now = time.perf_counter()

@@ -13,7 +13,7 @@ from transformers import PaliGemmaForConditionalGeneration
 from refinevla_core.config import ConfigError
 from refinevla_core.data import DataError
 from refinevla_core.model.configuration_refinevla import RefineVLAConfig
-from refinevla_core.model.modeling_refinevla import ModelError, RefineVLA, token_losses
+from refinevla_core.model.modeling_refinevla import ActionGrammar, ModelError, RefineVLA, token_losses
 from refinevla_core.model.presets import build_from_preset, build_processor, load_preset, paligemma_config
 from refinevla_core.model.processor_refinevla import IGNORE_INDEX, ProcessorError, RefineVLAProcessor
 from test.core.model_util import INSTRUCTION, RATIONALE, TARGET_ACTION, example_image, tiny_vla
@@ -150,6 +150,35 @@ def test_untrained_generation_still_follows_the_grammar(order):
     with pytest.raises(ModelError, match="target order"):
         vla.generate([example_image()], [INSTRUCTION],
                      plan="action_then_rationale" if order == "rationale_then_action" else "rationale_then_action")
+
+
+@pytest.mark.parametrize("order", ["rationale_then_action", "action_then_rationale"])
+def test_a_rationale_may_end_only_once_it_has_all_four_sections(order):
+    """A small model often stops mid-sentence; the grammar lets it end (<begin_action> / <eos>) only after four
+    sections, and still lets it end then (the model decides when)."""
+    vla = tiny_vla(order)
+    lay, proc = vla.processor.layout, vla.processor
+    vocab = vla.vlm.get_output_embeddings().weight.shape[0]
+    end_id = lay.begin_action_id if order == "rationale_then_action" else lay.eos_id
+    lead = [] if order == "rationale_then_action" else [*proc.action_token_ids(np.zeros(7)), lay.begin_rationale_id]
+    grammar = ActionGrammar(proc, order, prompt_length=0, max_rationale_tokens=200, vocab_size=vocab)
+
+    def may_end(text: str) -> bool:
+        ids = lead + proc.tokenizer.encode(text, add_special_tokens=False)
+        return bool(torch.isfinite(grammar(torch.tensor([ids]), torch.zeros(1, vocab))[0, end_id]))
+
+    full = RATIONALE.text()
+    assert may_end(full)
+    assert not may_end(full[: full.index("Task Planning")])  # three sections
+    assert not may_end(full[: full.index("Task Planning") + len("Task Planning:")])  # a heading with nothing after
+
+    # end to end: a model that always wants to end writes on until its budget, which then forces the end
+    eager = tiny_vla(order, fresh=True)
+    with torch.no_grad():
+        eager.vlm.get_output_embeddings().weight[end_id] *= 0
+        eager.vlm.get_output_embeddings().weight[end_id, :] += 5.0  # a large logit for every hidden state
+    (g,) = eager.generate([example_image(1)], [INSTRUCTION], plan=order, max_rationale_tokens=6)
+    assert len(g.rationale_ids) == 6 and not g.rationale_complete
 
 
 def test_batched_generation_matches_one_at_a_time():
