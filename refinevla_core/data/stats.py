@@ -152,6 +152,13 @@ def compute_stats(actions: np.ndarray) -> ActionStats:
     )
 
 
+def share_outside_range(actions: np.ndarray, stats: ActionStats, tolerance: float = 1e-6) -> float:
+    """Share of action values outside [q01, q99] of `stats`: what bins fitted on other data would clip."""
+    a = np.asarray(actions, dtype=np.float64)
+    outside = (a < stats.q01[None, :] - tolerance) | (a > stats.q99[None, :] + tolerance)
+    return float(outside.mean()) if a.size else 0.0
+
+
 def _open(dataset: EpisodeDataset | str | Path) -> EpisodeDataset:
     return dataset if isinstance(dataset, EpisodeDataset) else EpisodeDataset(dataset)
 

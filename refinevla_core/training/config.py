@@ -21,6 +21,7 @@ NewTokenRows = Literal["head", "tied", "none"]
 Precision = Literal["fp32", "bf16"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "sgd"]
+ActionStatsSource = Literal["auto", "base", "dataset"]
 
 # The preset YAML files shipped in config/ (refinevla train --config config/train_<name>.yaml).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
@@ -122,6 +123,10 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of episodes held out for validation (at least one when there are 2+)
     val_max_frames: int = 256
     max_rationale_tokens: int | None = None  # truncate long rationales (None: the processor's default)
+    # which action statistics define the action bins: "base" keeps the base checkpoint's (its action tokens keep
+    # their meaning, as openpi reloads a base's norm stats), "dataset" fits them on this training split, "auto" =
+    # base when base_checkpoint carries statistics (a checkpoint of this project), else dataset
+    action_stats: ActionStatsSource = "auto"
 
     # what trains
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
@@ -198,8 +203,8 @@ class TrainConfig:
 # Keys whose change makes a checkpoint of one run unfit to continue another (resume refuses and says which).
 RESUME_CRITICAL_KEYS = (
     "preset", "base_checkpoint", "target_order", "dataset", "lambda_rationale", "rationale_dropout", "val_fraction",
-    "max_rationale_tokens", "freeze", "lora", "batch_size", "grad_accumulation", "lr", "weight_decay", "optimizer",
-    "schedule",
+    "max_rationale_tokens", "action_stats", "freeze", "lora", "batch_size", "grad_accumulation", "lr", "weight_decay",
+    "optimizer", "schedule",
     "warmup_steps", "warmup_ratio", "precision", "seed",
 )
 

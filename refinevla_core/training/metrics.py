@@ -69,7 +69,7 @@ def validation_metrics(trainer: Any) -> dict[str, Any]:
     actual = np.concatenate(truth)
     err = np.abs(np.concatenate(free) - actual)
     err_forced = np.abs(np.concatenate(forced) - actual)
-    err_mean = np.abs(actual - trainer.stats.mean[None, :])
+    err_mean = np.abs(actual - trainer.data_stats.mean[None, :])  # this data's mean, whatever the bins
     metrics: dict[str, Any] = {
         "step": trainer.progress.step,
         "frames": len(err),

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from refinevla_core.config import ConfigError, save_config, to_dict
 from refinevla_core.data.episode import DataError
 from refinevla_core.data.episode_dataset import EpisodeDataset
-from refinevla_core.data.stats import load_dataset_stats
+from refinevla_core.data.stats import ActionStats, load_dataset_stats, share_outside_range
 from refinevla_core.io import atomic_write_json
 from refinevla_core.model.checkpoint import save_checkpoint as save_model_checkpoint
 from refinevla_core.model.checkpoint import save_tied_weights_quietly
@@ -99,6 +99,7 @@ __all__ = [  # the public names importers have always found here
 ]
 
 TRUNCATION_WARN_SHARE = 0.1  # above this share of shortened rationales the trainer warns
+CLIPPED_WARN_SHARE = 0.05  # above this share of action values outside the base's bins the trainer warns
 
 
 @dataclass
@@ -172,7 +173,8 @@ class Trainer:
     def _setup_data(self, dataset: EpisodeDataset) -> None:
         cfg, model = self.config, self.refinevla
         train_eps, val_eps = split_episodes(len(dataset), cfg.val_fraction, cfg.seed)
-        self.stats = training_split_stats(dataset, train_eps)  # held-out actions never shape the bins
+        self.data_stats = training_split_stats(dataset, train_eps)  # held-out actions never shape the bins
+        self.stats = self._bin_stats(model.stats, dataset, train_eps)
         model.processor.set_action_stats(self.stats)
         # λ_r = 0 is plain action fine-tuning in every target order: no rationale is ever fed as input either
         dropout = 1.0 if cfg.lambda_rationale == 0 else cfg.rationale_dropout
@@ -195,6 +197,26 @@ class Trainer:
                  f"({len(self.val_frames)} frames, {len(self.val_keys)} evaluated); {self.total_steps} steps of "
                  f"{cfg.batch_size} x {cfg.grad_accumulation} x {self.accelerator.num_processes} "
                  f"= {self.total_steps * cfg.batch_size * per_step / len(self.train_frames):.2f} epochs")
+
+    def _bin_stats(self, base: ActionStats | None, dataset: EpisodeDataset, train_eps: list[int]) -> ActionStats:
+        """The statistics that define the action bins (TrainConfig.action_stats). Re-fitting them on a small target
+        dataset silently re-maps every action token the base learnt (e.g. dz's bins move from [-0.1, 0.1] to
+        [-0.1, 0.002] m on PushCube), which measured 11/30 -> 5/30 closed loop after stage 2."""
+        choice, source = self.config.action_stats, self.config.base_checkpoint
+        if choice == "base" and base is None:
+            raise ConfigError(f"action_stats=base needs a base_checkpoint with action statistics (stats.json); "
+                              f"{source or 'a random-init preset'} has none: use action_stats=dataset or auto")
+        if choice == "dataset" or (choice == "auto" and base is None):
+            return self.data_stats
+        actions = np.concatenate([dataset.load_episode(e, with_images=False).actions for e in train_eps])
+        clipped = share_outside_range(actions, base)
+        self.log(f"action statistics: the base's ({source}), so its action tokens keep their meaning; "
+                 f"{clipped:.1%} of this data's action values fall outside its bins' range [q01, q99] and are "
+                 "clipped")
+        if clipped > CLIPPED_WARN_SHARE:
+            self.log(f"warning: over {CLIPPED_WARN_SHARE:.0%} of the action values are clipped by the base's "
+                     "statistics; if this robot's actions differ from the base's, set action_stats=dataset")
+        return base
 
     def _plan_steps(self) -> None:
         """total_steps (max_steps, else epochs over the training split) and micro-batches per optimizer step."""

@@ -445,6 +445,46 @@ def test_stage_two_continues_from_a_previous_run_with_another_target_order(small
     assert torch.equal(again.lm_head.weight[others], tuned.vlm.lm_head.weight[others]), "the untied head stays frozen"
 
 
+def test_stage_two_keeps_the_base_action_bins_unless_told_otherwise(tmp_path):
+    """Re-fitting the statistics on the target data re-maps every action token the base learnt; by default (auto)
+    stage 2 keeps the base's, says so with the share of clipped values, and warns when that share is large."""
+    from refinevla_core.model.checkpoint import load_checkpoint
+
+    same = tmp_path / "same"  # 200 frames: q01/q99 leave ~2 % of the values outside, as on real data
+    make_dataset(same, episodes=8, length=25)
+    stage1 = train(config_for(same, tmp_path / "s1", max_steps=1, lambda_rationale=0.0), log=quiet)
+    base_stats = load_checkpoint(stage1.final_checkpoint).stats
+    wider = tmp_path / "wider"  # another robot's data: actions 10x larger than the base's
+    make_dataset(wider, episodes=4, length=25, seed=1)
+    ds = EpisodeDataset(wider)
+    scaled = EpisodeDataset.create(tmp_path / "scaled", name="scaled")
+    for i in range(len(ds)):
+        ep = ds.load_episode(i)
+        scaled.append(Episode(images=ep.images, actions=ep.actions * np.float32([10, 10, 10, 1, 1, 1, 1]),
+                              instruction=ep.instruction, task=ep.task))
+    compute_dataset_stats(scaled)
+
+    def stage2(name: str, dataset: Path, **overrides) -> tuple[object, list[str]]:
+        messages: list[str] = []
+        result = train(config_for(dataset, tmp_path / name, max_steps=1, base_checkpoint=str(stage1.final_checkpoint),
+                                  lambda_rationale=0.0, **overrides), log=messages.append)
+        return load_checkpoint(result.final_checkpoint).stats, messages
+
+    kept, messages = stage2("auto", same)
+    assert kept.allclose(base_stats)
+    (said,) = [m for m in messages if m.startswith("action statistics: the base's")]
+    assert float(said.split("meaning; ")[1].split("%")[0]) <= 3.0  # the base's own data: its 1 % tails, per side
+    assert not any(m.startswith("warning: over") for m in messages)
+    kept, messages = stage2("auto_wider", scaled.root)
+    assert kept.allclose(base_stats) and any(m.startswith("warning: over 5%") for m in messages)
+    refit, _ = stage2("dataset", scaled.root, action_stats="dataset")
+    assert not refit.allclose(base_stats) and refit.q99[0] > base_stats.q99[0]
+    with pytest.raises(ConfigError, match="action_stats=base needs a base_checkpoint"):
+        train(config_for(same, tmp_path / "none", action_stats="base"), log=quiet)
+    with pytest.raises(ConfigError, match="action_stats"):
+        config_for(same, tmp_path / "typo", action_stats="bsae")
+
+
 def test_epochs_set_the_number_of_steps(small_dataset, tmp_path):
     # 8 training frames, batch 4: 2 batches per epoch; 1.5 epochs with accumulation 1 -> 3 optimizer steps
     result = train(config_for(small_dataset, tmp_path / "run", max_steps=None, epochs=1.5), log=quiet)

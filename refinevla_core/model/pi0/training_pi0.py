@@ -131,7 +131,7 @@ def evaluate(trainer: Any) -> dict[str, Any]:
         errors.append(np.abs(first - actual))
         truth.append(actual)
     err, actual = np.concatenate(errors), np.concatenate(truth)
-    err_mean = np.abs(actual - trainer.stats.mean[None, :])
+    err_mean = np.abs(actual - trainer.data_stats.mean[None, :])  # this data's mean, whatever the bins
     metrics: dict[str, Any] = {
         "step": trainer.progress.step, "frames": len(err),
         "val_loss_action": sums["flow"] / max(sums["flow_n"], 1),  # the flow-matching loss
