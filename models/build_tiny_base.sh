@@ -4,7 +4,7 @@
 # everything trained) -> refinevla eval (closed loop through sim_bridge_node + policy_node) -> models/tiny-base.
 #   source .venv/refinevla_env.sh && models/build_tiny_base.sh [WORK_DIR]      (~45 min on 2 idle cores)
 # Data: 330 multi-task episodes (PushCube / PickCube / StackCube cycled, varied instructions, DART noise of 1 cm on
-# 30 % of them) + 300 clean PushCube episodes with the canonical instruction (the target task is part of the
+# 30 % of them) + 600 clean PushCube episodes with the canonical instruction (the target task is part of the
 # pretraining mixture, as Bridge is part of the Open X-Embodiment mixture SpatialVLA was pretrained on). Seeds 20000+
 # and 30000+: the demo collects 0-299 and evaluates 1000+.
 set -euo pipefail
@@ -21,7 +21,11 @@ wait
 collect --task PushCube-v1 --episodes 150 --seed 30000 --out "$WORK/push_0" --instruction-mode canonical &
 collect --task PushCube-v1 --episodes 150 --seed 30150 --out "$WORK/push_1" --instruction-mode canonical &
 wait
-refinevla collect --merge "$WORK/multi_0" "$WORK/multi_1" "$WORK/push_0" "$WORK/push_1" --out "$WORK/data"
+collect --task PushCube-v1 --episodes 150 --seed 30300 --out "$WORK/push_2" --instruction-mode canonical &
+collect --task PushCube-v1 --episodes 150 --seed 30450 --out "$WORK/push_3" --instruction-mode canonical &
+wait
+refinevla collect --merge "$WORK/multi_0" "$WORK/multi_1" "$WORK/push_0" "$WORK/push_1" "$WORK/push_2" "$WORK/push_3" \
+  --out "$WORK/data"
 refinevla train --config "$ROOT/config/train_tiny_base.yaml" dataset="$WORK/data" output_dir="$WORK/run"
 refinevla eval --checkpoint "$WORK/run/final" --via ros-policy-node --tasks PushCube-v1 --episodes 30 --seed 1000 \
   --instruction-mode canonical --rationale-mode action_only --out "$WORK/eval" --name tiny-base
