@@ -200,8 +200,8 @@ class Trainer:
 
     def _bin_stats(self, base: ActionStats | None, dataset: EpisodeDataset, train_eps: list[int]) -> ActionStats:
         """The statistics that define the action bins (TrainConfig.action_stats). Re-fitting them on a small target
-        dataset silently re-maps every action token the base learnt (e.g. dz's bins move from [-0.1, 0.1] to
-        [-0.1, 0.002] m on PushCube), which measured 11/30 -> 5/30 closed loop after stage 2."""
+        dataset silently re-maps every action token the base learnt (on the demo's PushCube data dz's bins move from
+        [-0.1, 0.1] to [-0.1, 0.002] m and dyaw's collapse to a point)."""
         choice, source = self.config.action_stats, self.config.base_checkpoint
         if choice == "base" and base is None:
             raise ConfigError(f"action_stats=base needs a base_checkpoint with action statistics (stats.json); "
