@@ -82,20 +82,16 @@ class ActionGrammar:
         free[lay.action_token_start : lay.action_token_end] = False
         for tid in (lay.image_token_id, lay.pad_id, lay.bos_id, lay.begin_action_id, lay.begin_rationale_id):
             free[tid] = False
-        self.free_until_action = free.clone()
-        self.free_until_action[lay.eos_id] = False
-        self.free_until_action[lay.begin_action_id] = True  # the model ends its own reasoning
-        self.free_until_eos = free.clone()
-        self.free_until_eos[lay.eos_id] = True
-        self.unfinished_until_action = self.free_until_action.clone()
-        self.unfinished_until_action[lay.begin_action_id] = False
-        self.unfinished_until_eos = free.clone()
-        self.unfinished_until_eos[lay.eos_id] = False
+        free[lay.eos_id] = False
+        self.text_only = free  # rationale text: no markers, no end
+        self.text_or_end = free.clone()  # ... or the model ends its own reasoning (once it has four sections)
+        self.text_or_end[lay.begin_action_id if plan == "rationale_then_action" else lay.eos_id] = True
         self.decode_text = processor.decode_text
         self.action_only = torch.zeros(vocab_size, dtype=torch.bool)
         self.action_only[lay.action_token_start : lay.action_token_end] = True
 
-    # state of one row from its generated tokens: ("free", mask) | ("force", id) | ("action", None) | ("done", None)
+    # state of one row from its generated tokens: ("free", rationale ids so far) | ("force", id) | ("action", None)
+    # | ("done", None). Whether a free row may end is decided in __call__ only: stop() needs no parse.
     def _state(self, gen: list[int]) -> tuple[str, Any]:
         if self.plan == "action":
             return ("action", None) if len(gen) < ACTION_DIM else ("done", None)
@@ -106,9 +102,7 @@ class ActionGrammar:
     def _state_rationale_first(self, gen: list[int]) -> tuple[str, Any]:
         lay, n = self.lay, len(gen)
         if lay.begin_action_id not in gen:
-            if n >= self.max_rationale:
-                return ("force", lay.begin_action_id)
-            return ("free", self.free_until_action if self._has_four_sections(gen) else self.unfinished_until_action)
+            return ("force", lay.begin_action_id) if n >= self.max_rationale else ("free", gen)
         k = n - gen.index(lay.begin_action_id) - 1
         return ("action", None) if k < ACTION_DIM else ("done", None)
 
@@ -122,8 +116,7 @@ class ActionGrammar:
             return ("done", None)
         if n - ACTION_DIM - 1 >= self.max_rationale:
             return ("force", lay.eos_id)
-        finished = self._has_four_sections(gen[ACTION_DIM + 1 :])
-        return ("free", self.free_until_eos if finished else self.unfinished_until_eos)
+        return ("free", gen[ACTION_DIM + 1 :])
 
     def _has_four_sections(self, rationale_ids: list[int]) -> bool:
         try:
@@ -141,7 +134,7 @@ class ActionGrammar:
             if self._actions_known(gen) and row not in self.action_ready:
                 self.action_ready[row] = now - self.t0
             if state == "free":
-                allowed[row] = arg.to(scores.device)
+                allowed[row] = (self.text_or_end if self._has_four_sections(arg) else self.text_only).to(scores.device)
             elif state == "force":
                 allowed[row] = False
                 allowed[row, arg] = True

@@ -153,12 +153,17 @@ class ResumableBatchSampler:
             yield [(int(i), epoch) for i in chunk]
 
 
+def training_split_actions(dataset: EpisodeDataset, episodes: Sequence[int]) -> np.ndarray:
+    """Every action of the training episodes, (N, 7): what statistics fitted for training may see."""
+    if not episodes:
+        raise DataError("the training split has no episodes")
+    return np.concatenate([dataset.load_episode(e, with_images=False).actions for e in episodes])
+
+
 def training_split_stats(dataset: EpisodeDataset, episodes: Sequence[int]) -> ActionStats:
     """Action statistics of the training episodes only: the action bins (q01/q99) and the mean-action baseline
     must not be fitted on the held-out actions they are scored against."""
-    if not episodes:
-        raise DataError("the training split has no episodes")
-    return compute_stats(np.concatenate([dataset.load_episode(e, with_images=False).actions for e in episodes]))
+    return compute_stats(training_split_actions(dataset, episodes))
 
 
 def validation_indices(num_items: int, max_frames: int) -> list[int]:

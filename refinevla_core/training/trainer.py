@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from refinevla_core.config import ConfigError, save_config, to_dict
 from refinevla_core.data.episode import DataError
 from refinevla_core.data.episode_dataset import EpisodeDataset
-from refinevla_core.data.stats import ActionStats, load_dataset_stats, share_outside_range
+from refinevla_core.data.stats import ActionStats, compute_stats, load_dataset_stats, share_outside_range
 from refinevla_core.io import atomic_write_json
 from refinevla_core.model.checkpoint import save_checkpoint as save_model_checkpoint
 from refinevla_core.model.checkpoint import save_tied_weights_quietly
@@ -63,7 +63,7 @@ from refinevla_core.training.data import (
     EpisodeFrames,
     ResumableBatchSampler,
     split_episodes,
-    training_split_stats,
+    training_split_actions,
     validation_indices,
 )
 from refinevla_core.training.freezing import FreezeReport, export_for_saving
@@ -173,8 +173,9 @@ class Trainer:
     def _setup_data(self, dataset: EpisodeDataset) -> None:
         cfg, model = self.config, self.refinevla
         train_eps, val_eps = split_episodes(len(dataset), cfg.val_fraction, cfg.seed)
-        self.data_stats = training_split_stats(dataset, train_eps)  # held-out actions never shape the bins
-        self.stats = self._bin_stats(model.stats, dataset, train_eps)
+        actions = training_split_actions(dataset, train_eps)  # held-out actions never shape the bins
+        self.data_stats = compute_stats(actions)
+        self.stats = self._bin_stats(model.stats, actions)
         model.processor.set_action_stats(self.stats)
         # λ_r = 0 is plain action fine-tuning in every target order: no rationale is ever fed as input either
         dropout = 1.0 if cfg.lambda_rationale == 0 else cfg.rationale_dropout
@@ -198,7 +199,7 @@ class Trainer:
                  f"{cfg.batch_size} x {cfg.grad_accumulation} x {self.accelerator.num_processes} "
                  f"= {self.total_steps * cfg.batch_size * per_step / len(self.train_frames):.2f} epochs")
 
-    def _bin_stats(self, base: ActionStats | None, dataset: EpisodeDataset, train_eps: list[int]) -> ActionStats:
+    def _bin_stats(self, base: ActionStats | None, actions: np.ndarray) -> ActionStats:
         """The statistics that define the action bins (TrainConfig.action_stats). Re-fitting them on a small target
         dataset silently re-maps every action token the base learnt (on the demo's PushCube data dz's bins move from
         [-0.1, 0.1] to [-0.1, 0.002] m and dyaw's collapse to a point)."""
@@ -208,7 +209,6 @@ class Trainer:
                               f"{source or 'a random-init preset'} has none: use action_stats=dataset or auto")
         if choice == "dataset" or (choice == "auto" and base is None):
             return self.data_stats
-        actions = np.concatenate([dataset.load_episode(e, with_images=False).actions for e in train_eps])
         clipped = share_outside_range(actions, base)
         self.log(f"action statistics: the base's ({source}), so its action tokens keep their meaning; "
                  f"{clipped:.1%} of this data's action values fall outside its bins' range [q01, q99] and are "
